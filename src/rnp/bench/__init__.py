@@ -1,0 +1,1 @@
+"""Benchmark building blocks: test subjects (backdoored models) made once and cached."""

@@ -1,0 +1,1 @@
+"""The ``rnp`` command: a thin layer over the Python API."""

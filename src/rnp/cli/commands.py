@@ -1,0 +1,255 @@
+"""The subcommands: each parses nothing itself, calls the API and reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from rnp.attacks import ATTACKS, build_attack
+from rnp.bench.subjects import train_run
+from rnp.cli.options import config_overrides
+from rnp.cli.tables import metrics_table, percent, render
+from rnp.data.clean_subset import select_clean_subset
+from rnp.data.demo import DEMO_DATASET_PATH
+from rnp.data.sources import load_dataset
+from rnp.defenses import DEFENSES, RNP, RNPConfig, threshold_sweep
+from rnp.errors import RnpError
+from rnp.io.checkpoint import load_checkpoint, load_state_dict
+from rnp.io.files import read_json, write_json
+from rnp.io.results import prepare_output_dir, write_defense_outputs
+from rnp.io.runs import (ATTACK_FILE, INDICES_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, load_run,
+                         load_weights)
+from rnp.metrics import accuracy, der, evaluate_backdoor
+from rnp.models import build_model, model_spec
+from rnp.training import TrainConfig, predict
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def train(args) -> int:
+    attack = _attack_from_args(args)
+    config = TrainConfig(**config_overrides(args, TrainConfig))
+    out = train_run(args.out, args.data, arch=args.model, width=args.width, attack=attack,
+                    config=config, holdout=args.holdout, cache_dir=args.cache_dir, progress=not args.quiet, log=_log)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    print(metrics_table({"model": metrics}))
+    print(f"run folder: {out}")
+    return 0
+
+
+def evaluate(args) -> int:
+    run_dir = Path(args.run)
+    model_file = Path(args.model) if args.model else run_dir / MODEL_FILE
+    out = Path(args.out) if args.out else model_file.parent / METRICS_FILE
+    inputs = (model_file, *(run_dir / name for name in (MODEL_FILE, RUN_FILE, INDICES_FILE, ATTACK_FILE)))
+    if out.resolve() in {path.resolve() for path in inputs}:
+        raise RnpError(f"{out} is an input; choose another --out")
+    run = load_run(run_dir, cache_dir=args.cache_dir, model_file=args.model)
+    metrics = evaluate_backdoor(run.model, run.data.test, run.triggered_test()).to_dict()
+    if not args.out and out.is_file():  # keep what `rnp train` recorded beside the metrics
+        try:
+            previous = read_json(out)
+        except RnpError:
+            previous = None
+        if isinstance(previous, dict):
+            metrics = {**previous, **metrics}
+    write_json(out, metrics)
+    print(metrics_table({"model": metrics}))
+    print(f"metrics: {out}")
+    return 0
+
+
+def defend(args) -> int:
+    if args.list:
+        print(render([["method", "description"], *([name, cls.summary] for name, cls in sorted(DEFENSES.items()))]))
+        return 0
+    if not args.out:
+        raise RnpError("--out is required")
+    if bool(args.run) == bool(args.data):
+        raise RnpError("give either --run DIR, or --model FILE with --data SPEC")
+    if args.data and not args.model:
+        raise RnpError("--data needs --model FILE (the model to purify)")
+    run_model = Path(args.run) / MODEL_FILE if args.run else None
+    out = prepare_output_dir(args.out, inputs=[args.model, run_model])
+    if (out / RUN_FILE).exists():
+        raise RnpError(f"{out} holds a training run; choose another --out for the defense's outputs")
+    preset = None if args.preset == "default" else args.preset
+    defense = RNP(preset=preset, progress=not args.quiet, **config_overrides(args, RNPConfig))
+    if args.run:
+        run = load_run(args.run, cache_dir=args.cache_dir, model_file=args.model)
+        model, data, spec = run.model, run.data, run.info["model"]
+        pool, exclude = run.clean_pool()
+        clean, _ = select_clean_subset(pool, args.clean_size, seed=args.clean_seed,
+                                       stratified=args.stratified, exclude=exclude)
+        triggered = run.triggered_test()
+    else:
+        data = load_dataset(args.data, cache_dir=args.cache_dir)
+        model, spec = _outside_model(args, data)
+        clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
+                                       stratified=args.stratified)
+        triggered = None
+    result = defense.fit(model, clean)
+
+    def clean_set_accuracy(pruned):
+        return {"clean_set_accuracy": accuracy(predict(pruned, clean), clean.labels)}
+
+    def oracle(pruned):
+        return {f"oracle_{k}": v for k, v in evaluate_backdoor(pruned, data.test, triggered).to_dict().items()}
+
+    evaluate_row = (lambda m: {**clean_set_accuracy(m), **oracle(m)}) if args.oracle_sweep else clean_set_accuracy
+    sweep = threshold_sweep(result, evaluate_row)
+    before = evaluate_backdoor(model, data.test, triggered)
+    after = evaluate_backdoor(result.model, data.test, triggered)
+    report = {**result.report,
+              "clean_set": {"size": len(clean), "seed": args.clean_seed, "stratified": args.stratified},
+              "metrics": {"before": before.to_dict(), "after": after.to_dict(),
+                          "der": der(before, after) if triggered is not None else None},
+              "oracle_sweep_included": args.oracle_sweep}
+    write_defense_outputs(out, result, spec, report, sweep)
+    print(metrics_table({"before": before.to_dict(), "after": after.to_dict()}))
+    pruning = result.report["pruning"]
+    print(f"{defense.name} (preset {args.preset}) on {len(clean)} clean images: pruned "
+          f"{pruning['pruned']} of {pruning['total_channels']} channels (rule: {pruning['rule']}); "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    if not result.report["unlearning"]["reached_threshold"]:
+        _log(f"warning: {result.report['unlearning']['warning']}")
+    print(f"outputs: {out}")
+    return 0
+
+
+def demo(args) -> int:
+    data_spec = args.data or str(DEMO_DATASET_PATH)
+    epochs = args.epochs if args.epochs is not None else (15 if args.data is None else 30)
+    attack = build_attack(args.attack, target=0, poison_rate=0.1)
+    header = f"training a backdoored preact_resnet18 (width {args.width}) on {data_spec} for {epochs} epochs"
+
+    def log(message: str) -> None:  # the header waits for training to start, so an error stays one line
+        nonlocal header
+        if header:
+            _log(header)
+            header = ""
+        _log(message)
+
+    out = train_run(args.out, data_spec, width=args.width, attack=attack,
+                    config=TrainConfig(epochs=epochs, seed=args.seed, augment=args.data is not None),
+                    holdout=args.clean_size, cache_dir=args.cache_dir, progress=not args.quiet, log=log)
+    defend_args = _demo_defend_args(args, out)
+    return defend(defend_args)
+
+
+def _demo_defend_args(args, run_dir: Path):
+    from rnp.cli.main import build_parser
+    argv = ["defend", "--run", str(run_dir), "--out", str(run_dir / "rnp"), "--seed", str(args.seed),
+            "--clean-size", str(args.clean_size)]
+    if args.cache_dir:
+        argv += ["--cache-dir", args.cache_dir]
+    if args.quiet:
+        argv.append("--quiet")
+    return build_parser().parse_args(argv)
+
+
+def _outside_model(args, data):
+    """The model in ``--model`` and its spec: from ``--arch``/``--width``, else from rnp's metadata."""
+    tensors = load_state_dict(args.model)
+    num_classes, in_channels = data.train.num_classes, data.train.image_shape[0]
+    if args.arch:
+        spec = model_spec(args.arch, num_classes=num_classes, width=args.width or 16,
+                          in_channels=in_channels)
+    else:
+        if args.width is not None:
+            raise RnpError("--width needs --arch")
+        spec = _saved_spec(args.model)
+        if spec["num_classes"] != num_classes:
+            raise RnpError(f"{args.model} classifies {spec['num_classes']} classes but {args.data} "
+                           f"has {num_classes}; give the dataset the model was trained on")
+        if spec["in_channels"] != in_channels:
+            raise RnpError(f"{args.model} takes {spec['in_channels']}-channel images but {args.data} "
+                           f"has {in_channels}-channel images")
+    model = build_model(**spec)
+    load_weights(model, tensors, args.model)
+    return model, spec
+
+
+def _saved_spec(path) -> dict:
+    """The model spec rnp stores in its safetensors metadata, checked (the file is untrusted)."""
+    metadata = load_checkpoint(path)[1] if Path(path).suffix == ".safetensors" else {}
+    spec = metadata.get("model") if isinstance(metadata, dict) else None
+    if not spec:
+        raise RnpError(f"{path}: give --arch (and --width) for a model not saved by rnp")
+    try:
+        return model_spec(**spec)
+    except (TypeError, ValueError) as error:
+        raise RnpError(f"{path}: the model spec in its metadata is not valid ({error})") from None
+
+
+# Attack parameters with their own options; --trigger sets only the trigger's parameters.
+_ATTACK_OPTIONS = {"target": "--target", "mode": "--mode", "poison_rate": "--poison-rate",
+                   "seed": "--attack-seed"}
+
+
+def _attack_from_args(args):
+    if args.attack == "none":
+        if args.trigger:
+            raise RnpError("--trigger needs --attack")
+        return None
+    params = dict(_parse_trigger(ATTACKS[args.attack], item) for item in args.trigger)
+    return build_attack(args.attack, target=args.target, mode=args.mode,
+                        poison_rate=args.poison_rate, seed=args.attack_seed, **params)
+
+
+def _parse_trigger(attack_cls, item: str):
+    """``KEY=VALUE`` converted to the type the attack declares for ``KEY``."""
+    key, sep, raw = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise RnpError(f"--trigger takes KEY=VALUE, got {item!r}")
+    if key in _ATTACK_OPTIONS:
+        raise RnpError(f"set {key} with {_ATTACK_OPTIONS[key]}, not --trigger")
+    kind = typing.get_type_hints(attack_cls).get(key)
+    if kind is None:
+        return key, raw  # build_attack names the parameters the attack takes
+    return key, _convert(key, raw.strip(), kind)
+
+
+def _convert(key: str, raw: str, kind):
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if type(None) in options and raw.lower() in ("none", "null"):
+        return None
+    kind = next(option for option in options if option is not type(None))
+    if kind is torch.Tensor:
+        return _read_image(raw)
+    origin, elements = typing.get_origin(kind), typing.get_args(kind)
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+        if kind in (int, float):
+            return kind(raw)
+        if origin is tuple:
+            parts = [part.strip() for part in raw.strip("[]()").split(",")]
+            variadic = len(elements) == 2 and elements[1] is Ellipsis
+            if not variadic and len(parts) != len(elements):
+                raise ValueError
+            return tuple(elements[0](part) for part in parts)
+    except (ValueError, KeyError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            kind, f"{len(elements)} comma-separated values, e.g. {key}=0,0")
+        raise RnpError(f"--trigger {key}={raw!r}: expected {expected}") from None
+    return raw
+
+
+def _read_image(path: str) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    except (OSError, UnidentifiedImageError) as error:
+        raise RnpError(f"{path}: cannot read the pattern image ({error})") from None
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())

@@ -1,0 +1,58 @@
+"""Command-line options generated from config dataclasses, so every field can be overridden.
+
+A field ``unlearn_lr`` becomes ``--unlearn-lr``; tuples take several values; booleans get
+``--name`` / ``--no-name``. Only options the user actually gives are passed on, so the
+dataclass (or a preset) keeps authority over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls, *, prefix: str = "",
+                       skip: tuple[str, ...] = ()) -> None:
+    """Adds one option per field of ``config_cls``, with the field's default in the help."""
+    hints = typing.get_type_hints(config_cls)
+    group = parser.add_argument_group(f"{config_cls.__name__} settings")
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        flag = "--" + prefix + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = f"default: {field.default}"
+        dest = f"{prefix.replace('-', '_')}{field.name}"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            element = typing.get_args(kind)[0]
+            group.add_argument(flag, dest=dest, type=element, nargs="+", default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_overrides(args: argparse.Namespace, config_cls, *, prefix: str = "") -> dict:
+    """The fields of ``config_cls`` that were given on the command line."""
+    given = vars(args)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    key = prefix.replace("-", "_")
+    return {name: given[key + name] for name in names if key + name in given}
+
+
+def clean_size(text: str) -> int | float:
+    """``--clean-size``: a whole count (``500``) or a fraction (``0.01``); the API checks the range."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
+    return int(value) if value >= 1 and value == int(value) else value

@@ -1,0 +1,87 @@
+"""What every removal defense is: ``fit(model, clean_data) -> DefenseResult``.
+
+A defense sees only the suspect model and the defender's clean images; it never sees test
+labels or poisoned data. The input model is never modified: the result holds a new model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rnp.data.images import ImageSet, as_image_set
+from rnp.errors import RnpError
+
+MIN_CLEAN_IMAGES = 10
+
+
+@dataclass(eq=False)
+class DefenseResult:
+    """The purified model, the defense's artefacts, its report, and seconds per stage."""
+
+    model: nn.Module
+    report: dict
+    artifacts: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RemovalDefense:
+    """Base class of removal defenses; subclasses set ``name``, ``summary`` and ``fit``."""
+
+    name: str = ""
+    summary: str = ""
+
+    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+        raise NotImplementedError
+
+
+class StageTimer:
+    """Collects wall-clock seconds per named stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def prepare_inputs(model: nn.Module, clean_data) -> tuple[nn.Module, ImageSet, torch.device]:
+    """A private copy of the model, the clean data as an ImageSet, and the model's device.
+
+    Checks that the clean set is large enough and that its labels fit the model's outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise RnpError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    clean = as_image_set(clean_data)
+    if len(clean) < MIN_CLEAN_IMAGES:
+        raise RnpError(f"the clean set has {len(clean)} images; at least {MIN_CLEAN_IMAGES} "
+                       "are needed (RNP's default is 500)")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    working = copy.deepcopy(model)
+    with torch.no_grad():
+        was_training = working.training
+        working.eval()
+        try:
+            outputs = working(clean.images[:2].float().div(255).to(device))
+        except RuntimeError as error:
+            raise RnpError(f"the model cannot take the clean images of shape "
+                           f"{tuple(clean.images.shape[1:])}: {str(error).splitlines()[0]}") from None
+        working.train(was_training)
+    if outputs.dim() != 2:
+        raise RnpError(f"the model must output class scores (N, classes), got {tuple(outputs.shape)}")
+    top = int(clean.labels.max())
+    if top >= outputs.shape[1]:
+        raise RnpError(f"the clean set has label {top} but the model has only {outputs.shape[1]} "
+                       "outputs")
+    return working, clean, device

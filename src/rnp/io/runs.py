@@ -1,0 +1,139 @@
+"""Run folders: a trained (possibly backdoored) model and everything needed to rebuild its data.
+
+A run folder holds ``model.safetensors`` (the weights), ``run.json`` (dataset spec and checksum,
+model spec, attack spec with every trigger parameter, training config, seed, package version),
+``attack.safetensors`` (only for attacks with tensor artefacts), ``poisoned_indices.txt`` and
+``metrics.json``. :func:`load_run` rebuilds the model, the data, the attack and the triggered
+test set from these files without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rnp.attacks import Attack, TriggeredSet, attack_from_spec
+from rnp.data.images import ImageSet
+from rnp.data.sources import DatasetSplits, load_dataset
+from rnp.errors import RnpError
+from rnp.io.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from rnp.io.files import read_json, write_json, write_text
+from rnp.models import build_model
+
+MODEL_FILE = "model.safetensors"
+RUN_FILE = "run.json"
+ATTACK_FILE = "attack.safetensors"
+INDICES_FILE = "poisoned_indices.txt"
+HOLDOUT_FILE = "holdout_indices.txt"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@dataclass(eq=False)
+class Run:
+    """A loaded run folder."""
+
+    path: Path
+    info: dict
+    model: nn.Module
+    data: DatasetSplits
+    attack: Attack | None
+    poisoned_indices: torch.Tensor
+    holdout_indices: torch.Tensor
+
+    def clean_pool(self) -> tuple[ImageSet, torch.Tensor]:
+        """Where the defender's clean images come from: the clean training images the model
+        never saw when the run held some out, else the unpoisoned training images; returned
+        with the indices to exclude from it."""
+        if len(self.holdout_indices):
+            return self.data.train.subset(self.holdout_indices), torch.empty(0, dtype=torch.long)
+        return self.data.train, self.poisoned_indices
+
+    def triggered_test(self) -> TriggeredSet | None:
+        return self.attack.triggered_test(self.data.test) if self.attack is not None else None
+
+
+def write_run_files(path: Path, info: dict, attack: Attack | None, poisoned_indices,
+                    holdout_indices=()) -> None:
+    write_json(path / RUN_FILE, info)
+    if attack is not None and attack.artifacts():
+        save_checkpoint(path / ATTACK_FILE, attack.artifacts())
+    write_text(path / INDICES_FILE, "".join(f"{int(i)}\n" for i in poisoned_indices))
+    if len(holdout_indices):
+        write_text(path / HOLDOUT_FILE, "".join(f"{int(i)}\n" for i in holdout_indices))
+
+
+def save_model(path, model: nn.Module, model_spec: dict) -> None:
+    save_checkpoint(path, model.state_dict(), {"model": model_spec})
+
+
+def load_model(spec: dict, weights_path) -> nn.Module:
+    """Builds the architecture ``spec`` and loads weights into it, with a clear error on mismatch."""
+    model = build_model(**spec)
+    load_weights(model, load_state_dict(weights_path), weights_path)
+    return model
+
+
+def load_weights(model: nn.Module, state_dict: dict, source) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise RnpError(f"{source}: weights do not fit the model ({detail}"
+                       f"{' ...' if len(missing or unexpected) > 3 else ''})")
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name].shape:
+            raise RnpError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                           f"{tuple(expected[name].shape)} (wrong architecture, width or class count?)")
+    model.load_state_dict(state_dict)
+
+
+def read_run_info(path) -> dict:
+    """Reads ``run.json``, checking it has what :func:`load_run` needs."""
+    path = Path(path)
+    if not (path / RUN_FILE).is_file():
+        raise RnpError(f"{path}: not a run folder (no {RUN_FILE})")
+    info = read_json(path / RUN_FILE)
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict) \
+            or not isinstance(info.get("dataset"), dict) or "spec" not in info["dataset"] \
+            or "checksum" not in info["dataset"]:
+        raise RnpError(f"{path / RUN_FILE}: incomplete run record (needs model, and dataset with "
+                       "spec and checksum)")
+    return info
+
+
+def load_run(path, *, cache_dir=None, model_file=None) -> Run:
+    """Loads a run folder; ``model_file`` replaces its weights (e.g. a defended model)."""
+    path = Path(path)
+    info = read_run_info(path)
+    model = load_model(info["model"], Path(model_file) if model_file else path / MODEL_FILE)
+    data = load_dataset(info["dataset"]["spec"], cache_dir=cache_dir)
+    if data.checksum != info["dataset"]["checksum"]:
+        raise RnpError(f"{info['dataset']['spec']}: the data changed since the run was trained "
+                       f"(checksum {data.checksum[:12]} != {info['dataset']['checksum'][:12]})")
+    attack = None
+    if info.get("attack"):
+        artifacts = load_checkpoint(path / ATTACK_FILE)[0] if (path / ATTACK_FILE).exists() else {}
+        attack = attack_from_spec(info["attack"], artifacts)
+    return Run(path, info, model, data, attack, _read_indices(path / INDICES_FILE),
+               _read_indices(path / HOLDOUT_FILE))
+
+
+def _read_indices(path: Path) -> torch.Tensor:
+    if not path.exists():
+        return torch.empty(0, dtype=torch.long)
+    try:
+        values = [int(line) for line in path.read_text().split()]
+    except ValueError:
+        raise RnpError(f"{path}: expected one integer per line") from None
+    return torch.tensor(values, dtype=torch.long)
+
+
+def config_dict(config) -> dict:
+    """A dataclass config as JSON-ready data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,76 @@
+"""One pass over a dataset with an optimizer: the loop shared by training, unlearning and
+mask recovery.
+
+Backdoor training descends the cross-entropy, RNP's unlearning ascends it, RNP's recovery
+descends a scaled copy of it with only the masks in the optimizer; they differ in what they
+hand to :func:`run_epoch`, not in loops of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnp.data.images import ImageSet
+from rnp.data.loader import iterate_batches
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one optimisation step saw: its loss and accuracy on the batch, before the update."""
+
+    step: int
+    loss: float
+    accuracy: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Mean loss and accuracy over the samples seen in one epoch (train mode, augmented)."""
+
+    loss: float
+    accuracy: float
+    steps: int
+    stopped: bool = False
+
+
+def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer, *,
+              batch_size: int = 128, generator: torch.Generator | None = None, augment: bool = True,
+              ascent: bool = False, loss_scale: float = 1.0,
+              after_step: Callable[[StepInfo], bool] | None = None,
+              progress=None, device="cpu") -> EpochStats:
+    """Trains ``model`` for one epoch over ``data`` in train mode.
+
+    ``ascent`` maximises the cross-entropy instead of minimising it. ``after_step`` is called
+    after every update; returning True ends the epoch at once (``stopped`` is then set), which
+    is how a stopping rule checked per step works. ``progress`` is an optional tqdm bar.
+    """
+    model.train()
+    total_loss = correct = seen = steps = 0
+    stopped = False
+    for images, labels in iterate_batches(data, batch_size, shuffle=True, augment=augment,
+                                          generator=generator, device=device):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        (-loss if ascent else loss * loss_scale).backward()
+        optimizer.step()
+        batch_correct = int((logits.detach().argmax(1) == labels).sum())
+        loss_value = float(loss.detach())
+        total_loss += loss_value * len(labels)
+        correct += batch_correct
+        seen += len(labels)
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        info = StepInfo(steps, loss_value, batch_correct / len(labels), len(labels))
+        if after_step is not None and after_step(info):
+            stopped = True
+            break
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), steps, stopped)

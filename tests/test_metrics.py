@@ -1,0 +1,83 @@
+"""CA, CA on non-target images, ASR, RA and DER on a model whose every prediction is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rnp.attacks import BadNets
+from rnp.data.images import ImageSet
+from rnp.metrics import BackdoorMetrics, accuracy, der, evaluate_backdoor
+
+LABELS = [0, 1, 2] * 4
+# The class each image's pixels encode: the true label except image 2 (reads as 0) and 4 (as 2).
+ENCODED = [0, 1, 0, 0, 2, 2, 0, 1, 2, 0, 1, 2]
+
+
+class ScriptedModel(nn.Module):
+    """Predicts the class encoded in the top-left pixel (value 40 (c + 1)); a bright bottom-right
+    pixel (the trigger) switches the prediction to class 0, except for images encoding class 2,
+    which the backdoor does not reach."""
+
+    def forward(self, x):
+        encoded = (x[:, 0, 0, 0] * 255 / 40).round().long() - 1
+        triggered = x[:, 0, -1, -1] > 0.9
+        prediction = torch.where(triggered & (encoded != 2), torch.zeros_like(encoded), encoded)
+        return nn.functional.one_hot(prediction, 3).float()
+
+
+def scripted_test_set() -> ImageSet:
+    values = torch.tensor([40 * (c + 1) for c in ENCODED], dtype=torch.uint8)
+    images = values[:, None, None, None].expand(12, 3, 8, 8).clone()
+    return ImageSet(images, torch.tensor(LABELS), ("zero", "one", "two"))
+
+
+@pytest.mark.parametrize("batch_size", [512, 5])
+def test_metrics_all2one_have_the_exact_values(batch_size):
+    test = scripted_test_set()
+    triggered = BadNets(target=0, patch="white", size=1).triggered_test(test)
+    metrics = evaluate_backdoor(ScriptedModel(), test, triggered, batch_size=batch_size)
+    assert metrics.clean_accuracy == pytest.approx(10 / 12)
+    assert metrics.clean_accuracy_non_target == pytest.approx(6 / 8)
+    assert metrics.attack_success_rate == pytest.approx(4 / 8)
+    assert metrics.robust_accuracy == pytest.approx(3 / 8)
+
+
+def test_metrics_all2all_have_the_exact_values():
+    test = scripted_test_set()
+    triggered = BadNets(mode="all2all", patch="white", size=1).triggered_test(test)
+    metrics = evaluate_backdoor(ScriptedModel(), test, triggered)
+    assert metrics.clean_accuracy == pytest.approx(10 / 12)
+    assert metrics.clean_accuracy_non_target == pytest.approx(10 / 12)
+    assert metrics.attack_success_rate == pytest.approx(2 / 12)
+    assert metrics.robust_accuracy == pytest.approx(7 / 12)
+
+
+def test_metrics_without_triggered_set_give_clean_accuracy_only():
+    metrics = evaluate_backdoor(ScriptedModel(), scripted_test_set())
+    assert metrics == BackdoorMetrics(clean_accuracy=pytest.approx(10 / 12))
+    assert metrics.attack_success_rate is None and metrics.robust_accuracy is None
+    assert set(metrics.to_dict()) == {"clean_accuracy", "clean_accuracy_non_target",
+                                      "attack_success_rate", "robust_accuracy"}
+
+
+def test_accuracy():
+    assert accuracy(torch.tensor([1, 2, 3, 0]), torch.tensor([1, 2, 0, 0])) == 0.75
+    assert accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == 0.0
+
+
+def metrics(ca: float, asr: float) -> BackdoorMetrics:
+    return BackdoorMetrics(clean_accuracy=ca, attack_success_rate=asr)
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (metrics(0.90, 1.00), metrics(0.85, 0.05), 0.95),   # (0.95 - 0.05 + 1) / 2
+    (metrics(0.90, 1.00), metrics(0.90, 0.00), 1.00),   # perfect defense
+    (metrics(1.00, 0.50), metrics(0.00, 0.50), 0.00),   # ASR kept, CA destroyed
+    (metrics(0.80, 0.90), metrics(0.85, 0.10), 0.90),   # a CA gain is clamped to no loss
+    (metrics(0.90, 0.20), metrics(0.70, 0.50), 0.40),   # an ASR rise is clamped to no drop
+    (metrics(0.90, 0.95), metrics(0.90, 0.95), 0.50),   # nothing changed
+])
+def test_der(before, after, expected):
+    assert der(before, after) == pytest.approx(expected)
