@@ -97,6 +97,8 @@ def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
     identity = {"rnp_version": __version__, "data": data.checksum, "arch": kwargs.get("arch", "preact_resnet18"),
                 "width": kwargs.get("width", 16), "attack": attack.spec() if attack else None,
                 "train": config_dict(config)}
+    if kwargs.get("holdout"):
+        identity["holdout"] = kwargs["holdout"]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return train_run(Path(cache_root) / key, data_spec, **kwargs)
 

@@ -58,7 +58,7 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        (-loss if ascent else loss * loss_scale).backward()
+        ((-loss if ascent else loss) * loss_scale).backward()
         optimizer.step()
         batch_correct = int((logits.detach().argmax(1) == labels).sum())
         loss_value = float(loss.detach())
