@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from rnp import RNP
-from rnp.attacks import TriggeredSet
 from rnp.data.clean_subset import select_clean_subset
 from rnp.defenses import prune_channels
 from rnp.io.runs import load_run

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from rnp.attacks import ATTACKS, build_attack
 from rnp.bench.subjects import train_run
 from rnp.cli.options import config_overrides
-from rnp.cli.tables import metrics_table, percent, render
+from rnp.cli.tables import metrics_table, render
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.demo import DEMO_DATASET_PATH
 from rnp.data.sources import load_dataset

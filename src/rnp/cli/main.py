@@ -6,11 +6,10 @@ Every subcommand calls the Python API; errors caused by the input print one line
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from rnp import __version__
-from rnp.attacks import ATTACKS, Attack, build_attack
+from rnp.attacks import ATTACKS
 from rnp.cli import commands
 from rnp.cli.options import add_config_options, clean_size
 from rnp.defenses import DEFENSES, RNPConfig
