@@ -1,11 +1,14 @@
-"""RNP on full CIFAR-10: backdoored PreAct-ResNet18 (width 16), BadNets and Blend at 10%.
+"""RNP on full CIFAR-10: backdoored PreAct-ResNet18 (width 16), any attack of the suite.
 
-Trains each backdoored model once (cached under --cache by its full spec), then runs RNP with
+Each attack poisons at its usual rate (its class default) with target 0. Trains each backdoored
+model once (cached under --cache by its full spec; attacks fitted on a clean model get the
+clean model trained the same way), then runs RNP with
 the fixed threshold and with the automatic clean-data rule over several seeds (each seed draws
 its own 500 clean images and seeds RNP), and prints CA / ASR / RA before and after, channels
 pruned and seconds per stage as mean +- standard deviation.
 
     python benchmarks/rnp_cifar10.py --data ../shared/data/cifar10/cifar10-jpeg.zip
+    python benchmarks/rnp_cifar10.py --epochs 10 --attacks all --settings "default (auto)"
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 import torch
 
 from rnp import RNP
-from rnp.attacks import build_attack
-from rnp.bench.subjects import cached_run
+from rnp.attacks import ATTACKS
+from rnp.bench.subjects import cached_subject
+from rnp.bench.suite import suite_attack
 from rnp.data.clean_subset import select_clean_subset
 from rnp.io.runs import load_run
 from rnp.metrics import der, evaluate_backdoor
@@ -38,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10/cifar10-jpeg.zip")
     parser.add_argument("--cache", default="benchmarks/cache")
-    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend"])
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend"],
+                        choices=["all", *sorted(ATTACKS)], help="attacks to test ('all': every one)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
@@ -52,12 +57,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rows = []
-    for attack_name in args.attacks:
-        attack = build_attack(attack_name, target=0, poison_rate=0.1)
-        run_dir = cached_run(args.cache, args.data, arch="preact_resnet18", width=args.width,
-                             attack=attack, config=TrainConfig(epochs=args.epochs),
-                             cache_dir=Path(args.cache) / "data", progress=False,
-                             log=lambda line: print(f"[{attack_name}] {line}", file=sys.stderr))
+    attacks = sorted(ATTACKS) if "all" in args.attacks else args.attacks
+    for attack_name in attacks:
+        attack = suite_attack(attack_name)
+        run_dir = cached_subject(args.cache, args.data, attack, arch="preact_resnet18", width=args.width,
+                                 config=TrainConfig(epochs=args.epochs),
+                                 cache_dir=Path(args.cache) / "data", progress=False,
+                                 log=lambda line: print(f"[{attack_name}] {line}", file=sys.stderr))
         if args.train_only:
             continue
         run = load_run(run_dir, cache_dir=Path(args.cache) / "data")
@@ -65,8 +71,8 @@ def main() -> None:
         before = evaluate_backdoor(run.model, run.data.test, triggered)
         for setting in args.settings:
             for seed in args.seeds:
-                clean, _ = select_clean_subset(run.data.train, args.clean_size, seed=seed,
-                                               exclude=run.poisoned_indices)
+                pool, exclude = run.clean_pool()
+                clean, _ = select_clean_subset(pool, args.clean_size, seed=seed, exclude=exclude)
                 start = time.perf_counter()
                 result = RNP(**SETTINGS[setting], seed=seed).fit(run.model, clean)
                 seconds = time.perf_counter() - start

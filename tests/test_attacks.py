@@ -208,7 +208,7 @@ def test_build_attack_by_name():
 
 
 @pytest.mark.parametrize("build", [
-    lambda: build_attack("wanet"),                          # unknown attack
+    lambda: build_attack("nope"),                           # unknown attack
     lambda: build_attack("badnets", alpha=0.2),             # Blend's parameter, not BadNets'
     lambda: attack_from_spec({"name": "blend", "colour": 1}),
     lambda: attack_from_spec({"target": 0}),                 # no name at all

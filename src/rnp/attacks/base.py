@@ -5,29 +5,53 @@ changed) and a clean test set into the triggered test set used to measure attack
 is a dataclass whose fields are all of its parameters, so ``spec()`` records everything needed
 to rebuild the same triggered images; tensors it cannot derive from its fields (a user's blend
 image, a trained trigger generator) are its ``artifacts()``.
+
+Attacks come in three kinds, and the trainer handles all of them the same way:
+
+- data poisoning only (BadNets, Blend, SIG, WaNet, ...): :meth:`Attack.poison`;
+- fitting something before poisoning (:meth:`Attack.prepare`, called by the trainer on the
+  clean training set): an Input-Aware mask generator, or, with ``needs_reference_model`` true,
+  something derived from a clean *reference model* (an optimised Trojan trigger,
+  label-consistent adversarial perturbations);
+- acting during training (Input-Aware Dynamic, LIRA): :meth:`Attack.training_hook` returns a
+  :class:`~rnp.training.hooks.TrainingHook` that the training loop calls on every batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from rnp.data.images import ImageSet, to_uint8
 from rnp.errors import RnpError
+from rnp.training.hooks import TrainingHook
 from rnp.utils import generator_for
 
 MODES = ("all2one", "all2all")
 
 
+def _no_indices() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
 @dataclass(frozen=True, eq=False)
 class PoisonedSet:
-    """A poisoned training set and the indices of the images the attack changed."""
+    """A poisoned training set and the indices of the images the attack changed.
+
+    ``poisoned_indices`` are the images that carry the backdoor trigger (relabelled, or for a
+    clean-label attack kept in the target class). ``cover_indices`` are images the attack also
+    changed but left with their true label, to make the backdoor harder to find or more
+    specific (WaNet's noise mode, Adaptive-Blend's conservatism samples, BppAttack's
+    negatives); they are not poisoned samples for detection purposes.
+    """
 
     data: ImageSet
     poisoned_indices: torch.Tensor
+    cover_indices: torch.Tensor = field(default_factory=_no_indices)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +90,24 @@ class Attack:
         """Adds the trigger to float images ``(N, C, H, W)`` in [0, 1]; returns new images."""
         raise NotImplementedError
 
+    @property
+    def needs_reference_model(self) -> bool:
+        """Whether :meth:`prepare` must be given a clean model before :meth:`poison`."""
+        return False
+
+    def prepare(self, train: ImageSet, reference_model: nn.Module | None = None) -> None:
+        """Fits what the attack needs before poisoning, from the clean training set and, when
+        ``needs_reference_model``, a clean model trained on it. The default does nothing."""
+
+    def training_hook(self, num_classes: int) -> TrainingHook | None:
+        """The hook that runs this attack inside the training loop, or None for pure poisoning."""
+        return None
+
+    def load_artifacts(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores artefacts that are not constructor fields (e.g. generator weights)."""
+        if tensors:
+            raise RnpError(f"attack {self.name!r} has no artefact {', '.join(sorted(tensors))}")
+
     def attack_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the attacker wants for triggered images of true class ``labels``."""
         if self.mode == "all2all":
@@ -77,6 +119,18 @@ class Attack:
         count = max(1, round(self.poison_rate * len(train)))
         generator = generator_for(self.seed, "poison-indices")
         return torch.randperm(len(train), generator=generator)[:count].sort().values
+
+    def target_class_indices(self, train: ImageSet) -> torch.Tensor:
+        """For clean-label attacks: a seeded draw of ``poison_rate`` of the whole training set,
+        taken among the images already in the target class."""
+        self._check_target(train.num_classes)
+        candidates = (train.labels == self.target).nonzero().squeeze(1)
+        count = max(1, round(self.poison_rate * len(train)))
+        if count > len(candidates):
+            raise RnpError(f"poison rate {self.poison_rate} asks for {count} images but the target "
+                           f"class has only {len(candidates)}")
+        generator = generator_for(self.seed, "poison-indices")
+        return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
 
     def poison(self, train: ImageSet) -> PoisonedSet:
         """Stamps the trigger on the selected training images and relabels them."""

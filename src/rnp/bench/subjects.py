@@ -14,9 +14,10 @@ from rnp.attacks import Attack
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
+from rnp.io.checkpoint import save_checkpoint
 from rnp.io.files import write_json
-from rnp.io.runs import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, config_dict,
-                         read_run_info, save_model, write_run_files)
+from rnp.io.runs import (ATTACK_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE,
+                         config_dict, load_run, read_run_info, save_model, write_run_files)
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig, train
@@ -25,13 +26,16 @@ from rnp.utils import derive_seed
 
 def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int = 16,
               attack: Attack | None = None, config: TrainConfig | None = None,
-              holdout: int = 0, cache_dir=None, progress: bool = True, log=print) -> Path:
+              holdout: int = 0, reference_run=None, cache_dir=None, progress: bool = True,
+              log=print) -> Path:
     """Trains a model on ``data_spec`` poisoned by ``attack`` and writes a run folder at ``out``.
 
     An interrupted run resumes from its per-epoch checkpoint when called again with the same
     settings. A finished run is returned as it is. A folder holding a different run is an error,
     never overwritten. ``holdout`` clean training images are kept out of training and recorded,
-    so a defender can later draw clean images the model has never seen.
+    so a defender can later draw clean images the model has never seen. ``reference_run`` is a
+    clean run folder (same data) whose model attacks with ``needs_reference_model`` are fitted
+    on; its model file's sha256 is recorded.
     """
     out = Path(out)
     config = config or TrainConfig()
@@ -48,6 +52,10 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
         "holdout": holdout,
         "seed": config.seed,
     }
+    reference = _reference_model(attack, reference_run, data.checksum, cache_dir)
+    if reference is not None:
+        info["reference_run"] = {"path": str(Path(reference_run).resolve()),
+                                 "model_sha256": _sha256(Path(reference_run) / MODEL_FILE)}
     if (out / RUN_FILE).exists():
         existing = read_run_info(out)
         if _identity(existing) != _identity(info):
@@ -57,19 +65,25 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     elif out.exists() and any(out.iterdir()):
         raise RnpError(f"{out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    hook, cover, prepare_seconds = None, torch.empty(0, dtype=torch.long), 0.0
     if attack is not None:
+        log(f"preparing the {attack.name} attack")
+        prepare_start = time.perf_counter()
+        attack.prepare(data.train, reference)
+        prepare_seconds = time.perf_counter() - prepare_start
         poisoned = attack.poison(data.train)
-        train_set, indices = poisoned.data, poisoned.poisoned_indices
+        train_set, indices, cover = poisoned.data, poisoned.poisoned_indices, poisoned.cover_indices
+        hook = attack.training_hook(data.train.num_classes)
     else:
         train_set, indices = data.train, torch.empty(0, dtype=torch.long)
     held = torch.empty(0, dtype=torch.long)
     if holdout:
         _, held = select_clean_subset(data.train, holdout, seed=derive_seed(config.seed, "holdout"),
-                                      exclude=indices)
+                                      exclude=torch.cat([indices, cover]))
         keep = torch.ones(len(train_set), dtype=torch.bool)
         keep[held] = False
         train_set = train_set.subset(keep.nonzero().squeeze(1))
-    write_run_files(out, info, attack, indices, held)
+    write_run_files(out, info, attack, indices, held, cover)
     torch.manual_seed(derive_seed(config.seed, "model-init"))
     model = build_model(**spec)
     start = time.perf_counter()
@@ -78,12 +92,15 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
         log(f"epoch {epoch + 1}/{config.epochs}: loss {stats.loss:.4f}, train accuracy {stats.accuracy:.4f}")
 
     history = train(model, train_set, config, checkpoint=out / CHECKPOINT_FILE, progress=progress,
-                    on_epoch=on_epoch)
+                    on_epoch=on_epoch, hook=hook)
     seconds = time.perf_counter() - start
+    if hook is not None and attack.artifacts():  # what the attack learned while training
+        save_checkpoint(out / ATTACK_FILE, attack.artifacts())
     triggered = attack.triggered_test(data.test) if attack is not None else None
     metrics = evaluate_backdoor(model, data.test, triggered).to_dict()
     save_model(out / MODEL_FILE, model, spec)
     write_json(out / METRICS_FILE, {**metrics, "train_seconds_this_session": seconds,
+                                    "attack_prepare_seconds": prepare_seconds,
                                     "train_loss": history[-1].loss, "train_accuracy": history[-1].accuracy})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return out
@@ -97,12 +114,47 @@ def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
     identity = {"rnp_version": __version__, "data": data.checksum, "arch": kwargs.get("arch", "preact_resnet18"),
                 "width": kwargs.get("width", 16), "attack": attack.spec() if attack else None,
                 "train": config_dict(config)}
+    if attack is not None and attack.needs_reference_model and kwargs.get("reference_run"):
+        identity["reference_model"] = _sha256(Path(kwargs["reference_run"]) / MODEL_FILE)
     if kwargs.get("holdout"):
         identity["holdout"] = kwargs["holdout"]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return train_run(Path(cache_root) / key, data_spec, **kwargs)
 
 
+def cached_subject(cache_root, data_spec: str, attack: Attack | None, **kwargs) -> Path:
+    """A (backdoored) model from the cache, trained if missing. An attack fitted on a clean model
+    gets the clean model trained with the same architecture and config as its reference, which
+    is itself cached (and is the clean baseline a benchmark compares against)."""
+    if attack is not None and attack.needs_reference_model:
+        kwargs["reference_run"] = cached_run(cache_root, data_spec, **{**kwargs, "attack": None})
+    return cached_run(cache_root, data_spec, attack=attack, **kwargs)
+
+
+def _reference_model(attack, reference_run, checksum: str, cache_dir):
+    """The clean model an attack is fitted on, loaded from ``reference_run`` when it needs one."""
+    if attack is None or not attack.needs_reference_model:
+        return None
+    if reference_run is None:
+        raise RnpError(f"the {attack.name} attack is fitted on a clean model; give a clean run "
+                       "folder on the same data (--reference-run)")
+    run = load_run(reference_run, cache_dir=cache_dir)
+    if run.data.checksum != checksum:
+        raise RnpError(f"{reference_run}: the reference run was trained on other data")
+    if run.attack is not None:
+        raise RnpError(f"{reference_run}: the reference run is backdoored ({run.attack.name}); "
+                       "it must be a clean model")
+    return run.model.eval()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _identity(info: dict) -> str:
-    keys = ("dataset", "model", "attack", "train")
+    keys = ("dataset", "model", "attack", "train", "reference_run")
     return json.dumps({k: info.get(k) for k in keys}, sort_keys=True)

@@ -39,7 +39,8 @@ def train(args) -> int:
     attack = _attack_from_args(args)
     config = TrainConfig(**config_overrides(args, TrainConfig))
     out = train_run(args.out, args.data, arch=args.model, width=args.width, attack=attack,
-                    config=config, holdout=args.holdout, cache_dir=args.cache_dir, progress=not args.quiet, log=_log)
+                    config=config, holdout=args.holdout, reference_run=args.reference_run,
+                    cache_dir=args.cache_dir, progress=not args.quiet, log=_log)
     metrics = json.loads((out / METRICS_FILE).read_text())
     print(metrics_table({"model": metrics}))
     print(f"run folder: {out}")
@@ -202,8 +203,10 @@ def _attack_from_args(args):
             raise RnpError("--trigger needs --attack")
         return None
     params = dict(_parse_trigger(ATTACKS[args.attack], item) for item in args.trigger)
-    return build_attack(args.attack, target=args.target, mode=args.mode,
-                        poison_rate=args.poison_rate, seed=args.attack_seed, **params)
+    if args.poison_rate is not None:
+        params["poison_rate"] = args.poison_rate
+    return build_attack(args.attack, target=args.target, mode=args.mode, seed=args.attack_seed,
+                        **params)
 
 
 def _parse_trigger(attack_cls, item: str):

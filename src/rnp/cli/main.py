@@ -17,6 +17,8 @@ from rnp.errors import RnpError
 from rnp.models import MODEL_NAMES
 from rnp.training import TrainConfig
 
+DEMO_ATTACKS = ("badnets", "blend", "trojan", "wanet", "low_frequency", "bpp")
+
 
 class _Parser(argparse.ArgumentParser):
     """Reports a command-line mistake on one line, like every other input error."""
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None,
                       help="training epochs (default: 15 on the embedded data, 30 otherwise)")
     demo.add_argument("--width", type=int, default=16)
-    demo.add_argument("--attack", choices=sorted(ATTACKS), default="badnets")
+    demo.add_argument("--attack", choices=DEMO_ATTACKS, default="badnets",
+                      help="a data-poisoning attack at 10%% (the others need a reference model "
+                           "or train generators: use `rnp train`)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--clean-size", type=clean_size, default=500,
                       help="clean images for RNP: a count, or a fraction of the training split (default 500)")
@@ -53,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this many clean training images out of training, for the "
                             "defender's clean set (default 0: the defender draws from the "
                             "unpoisoned training images, as the official RNP code does)")
+    train.add_argument("--reference-run",
+                       help="clean run folder on the same data, for attacks fitted on a clean model "
+                            "(label_consistent, trojan with optimize=true, low_frequency with "
+                            "optimize=true)")
     train.add_argument("--out", required=True, help="run folder to write")
     add_config_options(train, TrainConfig)
     _add_common(train)
@@ -92,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_attack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack", choices=["none", *sorted(ATTACKS)], default="none")
-    parser.add_argument("--poison-rate", type=float, default=0.1)
+    parser.add_argument("--poison-rate", type=float,
+                        help="fraction of the training set to poison (default: the attack's own, "
+                             "from its paper; 0.1 for most)")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--mode", choices=["all2one", "all2all"], default="all2one")
     parser.add_argument("--attack-seed", type=int, default=0)

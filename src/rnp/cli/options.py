@@ -8,6 +8,7 @@ dataclass (or a preset) keeps authority over the defaults.
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import typing
 
@@ -53,6 +54,6 @@ def clean_size(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
     return int(value) if value >= 1 and value == int(value) else value

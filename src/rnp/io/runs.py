@@ -2,8 +2,10 @@
 
 A run folder holds ``model.safetensors`` (the weights), ``run.json`` (dataset spec and checksum,
 model spec, attack spec with every trigger parameter, training config, seed, package version),
-``attack.safetensors`` (only for attacks with tensor artefacts), ``poisoned_indices.txt`` and
-``metrics.json``. :func:`load_run` rebuilds the model, the data, the attack and the triggered
+``attack.safetensors`` (only for attacks with tensor artefacts: a given pattern, an optimised
+trigger, trained generators), ``poisoned_indices.txt`` (the training images that carry the
+trigger), ``cover_indices.txt`` (images the attack changed but left with their true label, if
+any) and ``metrics.json``. :func:`load_run` rebuilds the model, the data, the attack and the triggered
 test set from these files without unpickling anything.
 """
 
@@ -29,6 +31,7 @@ RUN_FILE = "run.json"
 ATTACK_FILE = "attack.safetensors"
 INDICES_FILE = "poisoned_indices.txt"
 HOLDOUT_FILE = "holdout_indices.txt"
+COVER_FILE = "cover_indices.txt"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -44,6 +47,7 @@ class Run:
     attack: Attack | None
     poisoned_indices: torch.Tensor
     holdout_indices: torch.Tensor
+    cover_indices: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def clean_pool(self) -> tuple[ImageSet, torch.Tensor]:
         """Where the defender's clean images come from: the clean training images the model
@@ -51,20 +55,22 @@ class Run:
         with the indices to exclude from it."""
         if len(self.holdout_indices):
             return self.data.train.subset(self.holdout_indices), torch.empty(0, dtype=torch.long)
-        return self.data.train, self.poisoned_indices
+        return self.data.train, torch.cat([self.poisoned_indices, self.cover_indices])
 
     def triggered_test(self) -> TriggeredSet | None:
         return self.attack.triggered_test(self.data.test) if self.attack is not None else None
 
 
 def write_run_files(path: Path, info: dict, attack: Attack | None, poisoned_indices,
-                    holdout_indices=()) -> None:
+                    holdout_indices=(), cover_indices=()) -> None:
     write_json(path / RUN_FILE, info)
     if attack is not None and attack.artifacts():
         save_checkpoint(path / ATTACK_FILE, attack.artifacts())
     write_text(path / INDICES_FILE, "".join(f"{int(i)}\n" for i in poisoned_indices))
     if len(holdout_indices):
         write_text(path / HOLDOUT_FILE, "".join(f"{int(i)}\n" for i in holdout_indices))
+    if len(cover_indices):
+        write_text(path / COVER_FILE, "".join(f"{int(i)}\n" for i in cover_indices))
 
 
 def save_model(path, model: nn.Module, model_spec: dict) -> None:
@@ -121,7 +127,7 @@ def load_run(path, *, cache_dir=None, model_file=None) -> Run:
         artifacts = load_checkpoint(path / ATTACK_FILE)[0] if (path / ATTACK_FILE).exists() else {}
         attack = attack_from_spec(info["attack"], artifacts)
     return Run(path, info, model, data, attack, _read_indices(path / INDICES_FILE),
-               _read_indices(path / HOLDOUT_FILE))
+               _read_indices(path / HOLDOUT_FILE), _read_indices(path / COVER_FILE))
 
 
 def _read_indices(path: Path) -> torch.Tensor:

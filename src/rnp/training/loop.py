@@ -8,8 +8,8 @@ hand to :func:`run_epoch`, not in loops of their own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
+from rnp.training.hooks import TrainingHook
 
 
 @dataclass(frozen=True)
@@ -43,23 +44,33 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
               batch_size: int = 128, generator: torch.Generator | None = None, augment: bool = True,
               ascent: bool = False, loss_scale: float = 1.0,
               after_step: Callable[[StepInfo], bool] | None = None,
-              progress=None, device="cpu") -> EpochStats:
+              hook: TrainingHook | None = None, progress=None, device="cpu") -> EpochStats:
     """Trains ``model`` for one epoch over ``data`` in train mode.
 
     ``ascent`` maximises the cross-entropy instead of minimising it. ``after_step`` is called
     after every update; returning True ends the epoch at once (``stopped`` is then set), which
-    is how a stopping rule checked per step works. ``progress`` is an optional tqdm bar.
+    is how a stopping rule checked per step works. ``hook`` lets an attack rewrite each batch
+    and train its own parts alongside (see :class:`TrainingHook`). ``progress`` is an optional
+    tqdm bar.
     """
     model.train()
     total_loss = correct = seen = steps = 0
     stopped = False
     for images, labels in iterate_batches(data, batch_size, shuffle=True, augment=augment,
                                           generator=generator, device=device):
+        extra = None
+        if hook is not None:
+            images, labels, extra = hook.transform(model, images, labels)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
+        objective = (-loss if ascent else loss) * loss_scale
+        if extra is not None:
+            objective = objective + extra
         optimizer.zero_grad(set_to_none=True)
-        ((-loss if ascent else loss) * loss_scale).backward()
+        objective.backward()
         optimizer.step()
+        if hook is not None:
+            hook.after_update()
         batch_correct = int((logits.detach().argmax(1) == labels).sum())
         loss_value = float(loss.detach())
         total_loss += loss_value * len(labels)

@@ -14,6 +14,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, save_checkpoint
+from rnp.training.hooks import TrainingHook
 from rnp.training.loop import EpochStats, run_epoch
 from rnp.utils import generator_for, progress_bar
 
@@ -59,12 +60,13 @@ class TrainConfig:
 
 def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *,
           checkpoint: str | Path | None = None, progress: bool = True, device="cpu",
-          on_epoch=None) -> list[EpochStats]:
+          on_epoch=None, hook: TrainingHook | None = None) -> list[EpochStats]:
     """Trains ``model`` in place on ``data`` and returns the per-epoch statistics.
 
     With ``checkpoint`` the state (weights, optimizer, random generator, history) is saved after
     every epoch, and a later call with the same checkpoint and config resumes where it stopped.
-    ``on_epoch(epoch, stats)`` is called after each epoch, e.g. for logging.
+    ``on_epoch(epoch, stats)`` is called after each epoch, e.g. for logging. ``hook`` is an
+    attack's :class:`TrainingHook`; its state is checkpointed with the model's.
     """
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
@@ -74,26 +76,30 @@ def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *
     generator = generator_for(config.seed, "train-batches")
     history: list[EpochStats] = []
     if checkpoint is not None and Path(checkpoint).exists():
-        history = _resume(checkpoint, model, optimizer, generator, config)
+        history = _resume(checkpoint, model, optimizer, generator, config, hook)
     steps = math.ceil(len(data) / config.batch_size)
     for epoch in range(len(history), config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
+        if hook is not None:
+            hook.start_epoch(epoch, config.epochs)
         with progress_bar(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}",
                           enabled=progress) as bar:
             stats = run_epoch(model, data, optimizer, batch_size=config.batch_size,
-                              generator=generator, augment=config.augment, progress=bar,
-                              device=device)
+                              generator=generator, augment=config.augment, hook=hook,
+                              progress=bar, device=device)
         history.append(stats)
         if checkpoint is not None:
-            _save(checkpoint, model, optimizer, generator, config, history)
+            _save(checkpoint, model, optimizer, generator, config, history, hook)
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return history
 
 
-def _save(path, model, optimizer, generator, config, history) -> None:
+def _save(path, model, optimizer, generator, config, history, hook) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if hook is not None:
+        tensors.update({f"hook.{k}": v for k, v in hook.state_dict().items()})
     state = optimizer.state_dict()
     for index, slots in state["state"].items():
         for name, value in slots.items():
@@ -105,7 +111,7 @@ def _save(path, model, optimizer, generator, config, history) -> None:
     save_checkpoint(path, tensors, metadata)
 
 
-def _resume(path, model, optimizer, generator, config) -> list[EpochStats]:
+def _resume(path, model, optimizer, generator, config, hook) -> list[EpochStats]:
     tensors, metadata = load_checkpoint(path)
     saved = metadata.get("config", {})
     if saved != json.loads(json.dumps(dataclasses.asdict(config))):
@@ -123,4 +129,6 @@ def _resume(path, model, optimizer, generator, config) -> list[EpochStats]:
         raise RnpError(f"{path}: optimizer state does not match the model")
     optimizer.load_state_dict(state)
     generator.set_state(tensors["generator"])
+    if hook is not None:
+        hook.load_state_dict({k[len("hook."):]: v for k, v in tensors.items() if k.startswith("hook.")})
     return [EpochStats(**h) for h in metadata.get("history", [])]
