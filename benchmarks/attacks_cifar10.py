@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rnp.attacks import ATTACKS
+from rnp.attacks import ATTACKS, attack_from_spec
 from rnp.bench.subjects import cached_subject
 from rnp.bench.suite import CPU_REDUCTIONS, suite_attack
 from rnp.io.files import read_json
@@ -65,10 +65,12 @@ def main() -> None:
                               **common)
 
     clean = read_json(subject(None) / "metrics.json")
-    rows = [row("clean", None, clean, clean)]
+    rows = [{**row("clean", None, clean, clean), "poisoning": "-"}]
     for name in args.attacks:
         run = subject(name)
-        rows.append(row(name, read_json(run / "run.json")["attack"], read_json(run / "metrics.json"), clean))
+        spec = read_json(run / "run.json")["attack"]
+        rows.append({**row(name, spec, read_json(run / "metrics.json"), clean),
+                     "poisoning": attack_from_spec(spec).describe_poisoning()})
     if args.train_only:
         return
     print(table(rows, args.epochs, args.width))
@@ -102,7 +104,7 @@ def table(rows: list[dict], epochs: int, width: int) -> str:
              "|" + "---|" * 10]
     for r in rows:
         verdict = "-" if r["meets_bar"] is None else ("yes" if r["meets_bar"] else "**no**")
-        lines.append(f"| {r['attack']} | {r['mode']} | {100 * r['poison_rate']:g}% | {pct(r['clean_accuracy'])} | "
+        lines.append(f"| {r['attack']} | {r['mode']} | {r['poisoning']} | {pct(r['clean_accuracy'])} | "
                      f"{pct(r['attack_success_rate'])} | {pct(r['robust_accuracy'])} | "
                      f"{100 * r['ca_gap']:+.1f} | {verdict} | {r['prepare_seconds']:.0f} | "
                      f"{r['train_seconds']:.0f} |")

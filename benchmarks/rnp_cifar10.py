@@ -51,10 +51,15 @@ def main() -> None:
     parser.add_argument("--clean-size", type=int, default=500)
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--json", help="write all rows to this JSON file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="print one table from the rows of earlier --json files and exit")
     parser.add_argument("--threads", type=int, help="torch threads (1 per job when jobs run side by side)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        print(table([row for path in args.merge for row in json.loads(Path(path).read_text())]))
+        return
 
     rows = []
     attacks = sorted(ATTACKS) if "all" in args.attacks else args.attacks

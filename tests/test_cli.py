@@ -28,6 +28,7 @@ from rnp.cli.main import build_parser, main
 from rnp.cli.options import config_overrides
 from rnp.defenses import RNPConfig, batchnorm_layers
 from rnp.io.checkpoint import load_checkpoint
+from rnp.io.runs import load_run
 from rnp.models import build_model
 from rnp.training import TrainConfig
 
@@ -248,6 +249,32 @@ def test_holdout_keeps_clean_images_out_of_training_and_feeds_the_defense(data3,
     code, _, err = run_cli(capsys, "defend", "--run", run, *RNP_FAST[:-4], "--clean-size", "12",
                            "--batch-size", "16", "--out", tmp_path / "d", "--quiet")
     assert code == 0, err
+
+
+def test_train_an_attack_fitted_on_a_clean_reference_run(data3, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", data3, *TINY, "--attack", "label_consistent",
+                           "--poison-rate", "0.1", "--out", tmp_path / "lc0", "--quiet")
+    assert_one_line_error(code, err)
+    assert "--reference-run" in err
+    clean = tmp_path / "clean"
+    assert run_cli(capsys, "train", "--data", data3, *TINY, "--out", clean, "--quiet")[0] == 0
+    code, out, err = run_cli(capsys, "train", "--data", data3, *TINY, "--attack", "label_consistent",
+                             "--poison-rate", "0.1", "--trigger", "steps=2", "--reference-run", clean,
+                             "--out", tmp_path / "lc", "--quiet")
+    assert code == 0, err
+    info = json.loads((tmp_path / "lc" / "run.json").read_text())
+    assert info["attack"]["steps"] == 2 and info["attack"]["poison_rate"] == 0.1
+    assert info["reference_run"]["path"] == str(clean.resolve())
+    run = load_run(tmp_path / "lc")
+    assert len(run.poisoned_indices) == 4  # 10% of 40, all from the target class
+    assert (run.data.train.labels[run.poisoned_indices] == 0).all()
+
+
+def test_attack_default_poison_rate_is_the_attacks_own(data3, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", data3, *TINY, "--attack", "sig",
+                           "--out", tmp_path / "sig", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sig" / "run.json").read_text())["attack"]["poison_rate"] == 0.08
 
 
 # -- errors: exit 2, one line, no traceback ----------------------------------------------------

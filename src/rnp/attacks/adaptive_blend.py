@@ -89,6 +89,9 @@ class AdaptiveBlend(Attack):
         """The ``(C, H, W)`` trigger for images of this shape (the same as Blend's for these fields)."""
         return self._blend().pattern_for(shape)
 
+    def describe_poisoning(self) -> str:
+        return f"{100 * self.poison_rate:g}% (+{100 * self.cover_rate:g}% conservatism)"
+
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         """The test-time trigger: the whole pattern blended at ``test_alpha``."""
         pattern = self.pattern_for(images.shape).to(images)

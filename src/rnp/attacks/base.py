@@ -120,6 +120,12 @@ class Attack:
         generator = generator_for(self.seed, "poison-indices")
         return torch.randperm(len(train), generator=generator)[:count].sort().values
 
+    clean_label: ClassVar[bool] = False
+
+    def describe_poisoning(self) -> str:
+        """How much of the training data the attack changes, in words, for tables."""
+        return f"{100 * self.poison_rate:g}%" + (", target class, labels kept" if self.clean_label else "")
+
     def target_class_indices(self, train: ImageSet) -> torch.Tensor:
         """For clean-label attacks: a seeded draw of ``poison_rate`` of the whole training set,
         taken among the images already in the target class."""

@@ -85,6 +85,9 @@ class Bpp(Attack):
         """The L-infinity budget of the negatives: ``pgd_eps`` or half a quantisation step."""
         return self.pgd_eps if self.pgd_eps is not None else 0.5 / (self.squeeze_num - 1)
 
+    def describe_poisoning(self) -> str:
+        return f"{100 * self.poison_rate:g}% (+{100 * self.neg_ratio:g}% negatives per batch)"
+
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4:
             raise RnpError(f"BppAttack needs images (N, C, H, W), got shape {tuple(images.shape)}")

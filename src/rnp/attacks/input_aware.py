@@ -295,6 +295,9 @@ class InputAware(Attack):
             raise RnpError("the input_aware mask generator is untrained: call prepare() first")
         return InputAwareHook(self, num_classes)
 
+    def describe_poisoning(self) -> str:
+        return f"{100 * self.poison_rate:g}% of each batch (+{100 * self.cross_rate:g}% cross)"
+
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         if self._pattern_net is None or not (self._mask_trained and self._pattern_trained):
             raise RnpError("the input_aware attack has no trained generators: prepare it and train "

@@ -58,6 +58,7 @@ class LabelConsistent(Attack):
     """
 
     name: ClassVar[str] = "label_consistent"
+    clean_label: ClassVar[bool] = True
     poison_rate: float = 0.05
     epsilon: float = 16 / 255
     step_size: float = 2 / 255

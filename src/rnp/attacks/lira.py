@@ -165,6 +165,9 @@ class Lira(Attack):
         """``clip(x + eps * T(x), 0, 1)`` with the given T, in whatever mode and grad state it is."""
         return (images + self.eps * generator(images)).clamp(0, 1)
 
+    def describe_poisoning(self) -> str:
+        return f"every image, also triggered (alpha {self.alpha:g})"
+
     def apply_trigger(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         if not self._trained:
             raise RnpError("the LIRA trigger generator was never trained or loaded: train with "

@@ -41,6 +41,7 @@ class SIG(Attack):
     per image width to target-class training images, labels unchanged (clean-label)."""
 
     name: ClassVar[str] = "sig"
+    clean_label: ClassVar[bool] = True
     poison_rate: float = 0.08
     delta: float = 20.0
     frequency: float = 6.0

@@ -78,6 +78,9 @@ class WaNet(Attack):
         scale = torch.tensor([self.s / width, self.s / height])
         return ((identity_grid(height, width) + scale * offsets) * self.grid_rescale).clamp(-1, 1)
 
+    def describe_poisoning(self) -> str:
+        return f"{100 * self.poison_rate:g}% (+{100 * self.cross_ratio * self.poison_rate:g}% noise)"
+
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.warp_grid(*images.shape[-2:]).to(images)
         return warp(images, grid.expand(len(images), -1, -1, -1))
