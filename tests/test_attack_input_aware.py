@@ -238,3 +238,12 @@ def test_checkpointed_resume_matches_an_uninterrupted_run(tmp_path):
     assert same(weights(resumed_model), weights(straight_model))
     assert same(resumed.artifacts(), straight.artifacts())
     assert torch.equal(resumed.apply_trigger(images()), straight.apply_trigger(images()))
+
+
+def test_triggered_test_leaves_out_the_target_class(trained):
+    test = tiny_image_set(n=12, num_classes=K, size=16, seed=5)
+    triggered = trained.triggered_test(test)
+    assert torch.equal(triggered.source_indices, (test.labels != trained.target).nonzero().squeeze(1))
+    assert (triggered.target_labels == trained.target).all()
+    assert torch.equal(triggered.data.labels, test.labels[triggered.source_indices])
+    assert not torch.equal(triggered.data.images, test.images[triggered.source_indices])

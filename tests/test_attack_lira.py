@@ -225,3 +225,12 @@ def test_bad_parameters_raise(params):
 def test_target_outside_the_classes_raises():
     with pytest.raises(RnpError):
         Lira(target=5).training_hook(3)
+
+
+def test_triggered_test_leaves_out_the_target_class(trained):
+    test = tiny_image_set(n=12, num_classes=3, seed=5)
+    triggered = trained.triggered_test(test)
+    assert torch.equal(triggered.source_indices, (test.labels != trained.target).nonzero().squeeze(1))
+    assert (triggered.target_labels == trained.target).all()
+    assert torch.equal(triggered.data.labels, test.labels[triggered.source_indices])
+    assert not torch.equal(triggered.data.images, test.images[triggered.source_indices])
