@@ -44,9 +44,10 @@ def main() -> None:
                                  cache_dir=Path(args.cache) / "data", progress=False,
                                  log=lambda line, name=name: print(f"[{name}] {line}", file=sys.stderr))
         run = load_run(run_dir, cache_dir=Path(args.cache) / "data")
-        triggered = run.triggered_test()
-        clean = run.data.test.images[triggered.source_indices[:args.images]]
-        rows.append((name, clean, triggered.data.images[:args.images]))
+        test = run.data.test
+        shown = (test.labels != run.attack.target).nonzero().squeeze(1)[:args.images]
+        clean = test.images[shown]
+        rows.append((name, clean, run.attack.trigger_uint8(clean)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int
+from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int, seeded_draw
 from rnp.attacks.blend import Blend
 from rnp.data.images import ImageSet, to_uint8
 from rnp.errors import RnpError
@@ -138,8 +138,7 @@ class AdaptiveBlend(Attack):
         if count > len(candidates):
             raise RnpError(f"cover rate {self.cover_rate} asks for {count} conservatism samples but only "
                            f"{len(candidates)} images are free")
-        order = torch.randperm(len(candidates), generator=generator_for(self.seed, "adaptive-blend-cover"))
-        return candidates[order[:count]].sort().values
+        return seeded_draw(candidates, count, generator_for(self.seed, "adaptive-blend-cover"))
 
     def poison(self, train: ImageSet) -> PoisonedSet:
         """Partial triggers on payload (relabelled) and conservatism (label kept) samples."""

@@ -118,7 +118,7 @@ class Attack:
         """Which training images to poison: a seeded uniform draw of ``poison_rate`` of them."""
         count = max(1, round(self.poison_rate * len(train)))
         generator = generator_for(self.seed, "poison-indices")
-        return torch.randperm(len(train), generator=generator)[:count].sort().values
+        return seeded_draw(torch.arange(len(train)), count, generator)
 
     clean_label: ClassVar[bool] = False
 
@@ -136,7 +136,7 @@ class Attack:
             raise RnpError(f"poison rate {self.poison_rate} asks for {count} images but the target "
                            f"class has only {len(candidates)}")
         generator = generator_for(self.seed, "poison-indices")
-        return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
+        return seeded_draw(candidates, count, generator)
 
     def poison(self, train: ImageSet) -> PoisonedSet:
         """Stamps the trigger on the selected training images and relabels them."""
@@ -181,6 +181,11 @@ class Attack:
     def _check_target(self, num_classes: int) -> None:
         if not 0 <= self.target < num_classes:
             raise RnpError(f"target label {self.target} is outside the {num_classes} classes")
+
+
+def seeded_draw(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` of ``candidates`` drawn without repeats by ``generator``, in ascending order."""
+    return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
 
 
 def require_int(name: str, value) -> int:

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int
+from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int, seeded_draw
 from rnp.data.images import ImageSet, to_uint8
 from rnp.errors import RnpError
 from rnp.utils import generator_for
@@ -107,8 +107,7 @@ class WaNet(Attack):
         if count > len(candidates):
             raise RnpError(f"WaNet noise mode asks for {count} images besides the {len(poisoned)} "
                            f"poisoned ones, but the training set has only {len(candidates)} others")
-        order = torch.randperm(len(candidates), generator=generator_for(self.seed, "wanet-cover-indices"))
-        return candidates[order[:count]].sort().values
+        return seeded_draw(candidates, count, generator_for(self.seed, "wanet-cover-indices"))
 
     def poison(self, train: ImageSet) -> PoisonedSet:
         """Warps and relabels the poisoned images, and warps with noise the cover images."""
