@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from rnp.attacks import BadNets
+from rnp.attacks.base import TriggeredSet
+from rnp.data import select_clean_subset
 from rnp.data.images import ImageSet
+from rnp.models import build_model
+from rnp.training import TrainConfig, train
 
 
 def tiny_image_set(n: int = 24, num_classes: int = 3, size: int = 8, channels: int = 3,
@@ -34,3 +42,49 @@ def tiny_cnn(num_classes: int = 2, width: int = 4, seed: int = 0, batch_norm: bo
         nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
     )
+
+
+def smooth_images(n: int, num_classes: int = 10, size: int = 16, seed: int = 0) -> ImageSet:
+    """Class c is a fixed smooth colour layout; each image adds its own smooth noise.
+
+    A 3x3 checkerboard trigger is then the only high-frequency content, so a network learns
+    it in channels of its own, as it does on natural images (see test_end_to_end.py).
+    """
+    def upsample(t):
+        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+
+    templates = upsample(torch.rand(num_classes, 3, 3, 3, generator=torch.Generator().manual_seed(123)))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    images = 0.6 * templates[labels] + 0.4 * upsample(torch.rand(n, 3, 4, 4, generator=generator))
+    return ImageSet((images * 255).round().to(torch.uint8), labels, tuple(map(str, range(num_classes))))
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticBackdoor:
+    """A BadNets-backdoored tiny PreAct-ResNet18 (target 0) with the defender's clean images
+    and the test sets to measure a defense on."""
+
+    model: nn.Module
+    clean: ImageSet
+    test: ImageSet
+    triggered: TriggeredSet
+    target: int = 0
+
+
+def make_synthetic_backdoor() -> SyntheticBackdoor:
+    """Trains the backdoored model on 1,000 smooth 16x16 images (10% poisoned), single-threaded
+    and seeded, so every test session gets the same model (about 10 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_set, test_set = smooth_images(1000, seed=0), smooth_images(400, seed=1)
+        attack = BadNets(target=0, poison_rate=0.1)
+        poisoned = attack.poison(train_set)
+        torch.manual_seed(0)
+        model = build_model("preact_resnet18", num_classes=10, width=8)
+        train(model, poisoned.data, TrainConfig(epochs=20, lr=0.05, augment=False), progress=False)
+        clean, _ = select_clean_subset(train_set, 200, exclude=poisoned.poisoned_indices)
+        return SyntheticBackdoor(model.eval(), clean, test_set, attack.triggered_test(test_set))
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, save_checkpoint
 from rnp.training import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 3
 # Few steps leave BatchNorm running statistics stale, so tests take small batches: 12 mask steps,
 # 16 hook steps with a backdoor and a cross image in each batch of 5.
@@ -39,15 +41,6 @@ def train_attack(attack: InputAware, epochs: int = 2, **kwargs) -> torch.nn.Modu
     config = TrainConfig(epochs=epochs, batch_size=5, lr=0.05, augment=False)
     train(model, train_set(40), config, hook=attack.training_hook(K), progress=False, **kwargs)
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: the few-step generators of these tests are sensitive to summation order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

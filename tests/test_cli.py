@@ -26,7 +26,7 @@ from PIL import Image
 
 from rnp.cli.main import build_parser, main
 from rnp.cli.options import config_overrides
-from rnp.defenses import RNPConfig, batchnorm_layers
+from rnp.defenses import DEFENSES, RNPConfig, batchnorm_layers
 from rnp.io.checkpoint import load_checkpoint
 from rnp.io.runs import load_run
 from rnp.models import build_model
@@ -468,10 +468,48 @@ def test_garbage_pickle_is_reported_as_unreadable_not_unsafe(data3, tmp_path, ca
 # -- listing and help --------------------------------------------------------------------------
 
 
-def test_defend_list(capsys):
+def test_defend_list_shows_every_defense_with_its_description(capsys):
     code, out, _ = run_cli(capsys, "defend", "--list")
     assert code == 0
-    assert any(line.split()[0] == "rnp" for line in out.splitlines()[2:])
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(rows) == set(DEFENSES) >= {"rnp", "ft", "fp", "nad", "anp", "ibau", "clp", "nc", "sau"}
+    assert all(len(line.split()) > 3 for line in rows.values())
+
+
+@pytest.mark.parametrize("method", sorted(DEFENSES))
+def test_defend_help_lists_the_settings_of_the_chosen_method(capsys, method):
+    code, out, _ = run_cli(capsys, "defend", f"--method={method}", "--help")
+    assert code == 0
+    for field in dataclasses.fields(DEFENSES[method].config_class):
+        assert "--" + field.name.replace("_", "-") in out
+
+
+def test_defend_refuses_another_methods_setting(capsys, trained, tmp_path):
+    code, _, err = run_cli(capsys, "defend", "--run", trained, "--method", "ft", "--unlearn-lr", "0.1",
+                           "--out", tmp_path / "ft")
+    assert code == 2 and "unrecognized arguments: --unlearn-lr" in err
+    code, _, err = run_cli(capsys, "defend", "--run", trained, "--method", "nope", "--out", tmp_path / "x")
+    assert code == 2 and "invalid choice: 'nope'" in err
+
+
+@pytest.mark.parametrize("method, options", [
+    ("ft", ["--epochs", "1"]),
+    ("clp", ["--u", "0.5"]),
+    ("nc", ["--steps", "2", "--samples-per-step", "16", "--batch-size", "8"]),
+])
+def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, method, options):
+    out = tmp_path / method
+    code, stdout, _ = run_cli(capsys, "defend", "--run", trained, "--method", method, *options,
+                              "--clean-size", "20", "--out", out, "--quiet")
+    assert code == 0, stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["clean_images"] == 20
+    assert set(report["metrics"]) == {"before", "after", "der"}
+    assert "oracle_sweep_included" not in report and not (out / "sweep.csv").exists()
+    assert (out / "model.safetensors").exists()
+    assert f"{method} on 20 clean images" in stdout
+    if method == "clp":
+        assert "pruned" in stdout and report["pruning"]["pruned"] > 0
 
 
 def _subcommands() -> list[str]:
@@ -496,7 +534,7 @@ def test_subcommands_are_the_documented_ones():
 
 
 _STRING_VALUES = {"stop_check": "epoch", "tie_break": "index", "prune_rule": "number",
-                  "schedule": "multistep"}
+                  "schedule": "multistep", "mask_layers": "conv"}
 
 
 def _non_default_argv(config_cls) -> tuple[list[str], dict]:

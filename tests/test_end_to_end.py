@@ -15,43 +15,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rnp import RNP
-from rnp.attacks import BadNets
-from rnp.data import ImageSet, select_clean_subset
 from rnp.metrics import evaluate_backdoor
-from rnp.models import build_model
-from rnp.training import TrainConfig, train
 
 
-def smooth_images(n: int, num_classes: int = 10, size: int = 16, seed: int = 0) -> ImageSet:
-    """Class c is a fixed smooth colour layout; each image adds its own smooth noise."""
-    def upsample(t):
-        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-
-    templates = upsample(torch.rand(num_classes, 3, 3, 3, generator=torch.Generator().manual_seed(123)))
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % num_classes
-    images = 0.6 * templates[labels] + 0.4 * upsample(torch.rand(n, 3, 4, 4, generator=generator))
-    return ImageSet((images * 255).round().to(torch.uint8), labels, tuple(map(str, range(num_classes))))
-
-
-@pytest.fixture(scope="module")
-def backdoored():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_set, test_set = smooth_images(1000, seed=0), smooth_images(400, seed=1)
-        attack = BadNets(target=0, poison_rate=0.1)
-        poisoned = attack.poison(train_set)
-        torch.manual_seed(0)
-        model = build_model("preact_resnet18", num_classes=10, width=8)
-        train(model, poisoned.data, TrainConfig(epochs=20, lr=0.05, augment=False), progress=False)
-        clean, _ = select_clean_subset(train_set, 200, exclude=poisoned.poisoned_indices)
-        yield model, clean, test_set, attack.triggered_test(test_set)
-    finally:
-        torch.set_num_threads(threads)
+@pytest.fixture
+def backdoored(synthetic_backdoor):
+    b = synthetic_backdoor
+    return b.model, b.clean, b.test, b.triggered
 
 
 def test_backdoor_is_implanted(backdoored):

@@ -17,15 +17,9 @@ from rnp.metrics import accuracy
 from rnp.models import build_model
 from rnp.training import TrainConfig, predict, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(batch_size=16, unlearn_epochs=8, recover_epochs=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +160,9 @@ def test_paper_preset_is_the_published_recipe():
     assert RNP(preset="paper", threshold=0.3).config.threshold == 0.3
 
 
-def test_model_without_batchnorm_is_refused_naming_its_layers(clean):
+def test_batchnorm_masks_on_a_model_without_batchnorm_are_refused_naming_its_layers(clean):
     with pytest.raises(RnpError, match="Conv2d"):
-        RNP(**FAST).fit(tiny_cnn(num_classes=4), clean)
+        RNP(**FAST, mask_layers="batchnorm").fit(tiny_cnn(num_classes=4), clean)
 
 
 def test_masks_attach_to_any_module_with_batchnorm():

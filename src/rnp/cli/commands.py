@@ -19,7 +19,7 @@ from rnp.cli.tables import metrics_table, render
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.demo import DEMO_DATASET_PATH
 from rnp.data.sources import load_dataset
-from rnp.defenses import DEFENSES, RNP, RNPConfig, threshold_sweep
+from rnp.defenses import DEFENSES, RNP, threshold_sweep
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, load_state_dict
 from rnp.io.files import read_json, write_json
@@ -71,7 +71,8 @@ def evaluate(args) -> int:
 
 def defend(args) -> int:
     if args.list:
-        print(render([["method", "description"], *([name, cls.summary] for name, cls in sorted(DEFENSES.items()))]))
+        rows = [[name, cls.summary] for name, cls in sorted(DEFENSES.items())]
+        print(render([["method", "description"], *rows]))
         return 0
     if not args.out:
         raise RnpError("--out is required")
@@ -83,8 +84,7 @@ def defend(args) -> int:
     out = prepare_output_dir(args.out, inputs=[args.model, run_model])
     if (out / RUN_FILE).exists():
         raise RnpError(f"{out} holds a training run; choose another --out for the defense's outputs")
-    preset = None if args.preset == "default" else args.preset
-    defense = RNP(preset=preset, progress=not args.quiet, **config_overrides(args, RNPConfig))
+    defense = _defense_from_args(args)
     if args.run:
         run = load_run(args.run, cache_dir=args.cache_dir, model_file=args.model)
         model, data, spec = run.model, run.data, run.info["model"]
@@ -99,7 +99,36 @@ def defend(args) -> int:
                                        stratified=args.stratified)
         triggered = None
     result = defense.fit(model, clean)
+    sweep = _rnp_sweep(args, result, clean, data, triggered) if isinstance(defense, RNP) else None
+    before = evaluate_backdoor(model, data.test, triggered)
+    after = evaluate_backdoor(result.model, data.test, triggered)
+    report = {**result.report,
+              "clean_set": {"size": len(clean), "seed": args.clean_seed, "stratified": args.stratified},
+              "metrics": {"before": before.to_dict(), "after": after.to_dict(),
+                          "der": der(before, after) if triggered is not None else None}}
+    if isinstance(defense, RNP):
+        report["oracle_sweep_included"] = args.oracle_sweep
+    write_defense_outputs(out, result, spec, report, sweep)
+    print(metrics_table({"before": before.to_dict(), "after": after.to_dict()}))
+    print(_summary_line(defense, args, result, len(clean)))
+    for warning in _warnings(result.report):
+        _log(f"warning: {warning}")
+    print(f"outputs: {out}")
+    return 0
 
+
+def _defense_from_args(args):
+    cls = DEFENSES[args.method]
+    overrides = config_overrides(args, cls.config_class)
+    if cls is RNP:
+        preset = None if args.preset == "default" else args.preset
+        return RNP(preset=preset, progress=not args.quiet, **overrides)
+    return cls(progress=not args.quiet, **overrides)
+
+
+def _rnp_sweep(args, result, clean, data, triggered) -> list[dict]:
+    """RNP's defender-side view of every mask threshold, plus the labelled oracle columns when
+    asked for."""
     def clean_set_accuracy(pruned):
         return {"clean_set_accuracy": accuracy(predict(pruned, clean), clean.labels)}
 
@@ -107,24 +136,25 @@ def defend(args) -> int:
         return {f"oracle_{k}": v for k, v in evaluate_backdoor(pruned, data.test, triggered).to_dict().items()}
 
     evaluate_row = (lambda m: {**clean_set_accuracy(m), **oracle(m)}) if args.oracle_sweep else clean_set_accuracy
-    sweep = threshold_sweep(result, evaluate_row)
-    before = evaluate_backdoor(model, data.test, triggered)
-    after = evaluate_backdoor(result.model, data.test, triggered)
-    report = {**result.report,
-              "clean_set": {"size": len(clean), "seed": args.clean_seed, "stratified": args.stratified},
-              "metrics": {"before": before.to_dict(), "after": after.to_dict(),
-                          "der": der(before, after) if triggered is not None else None},
-              "oracle_sweep_included": args.oracle_sweep}
-    write_defense_outputs(out, result, spec, report, sweep)
-    print(metrics_table({"before": before.to_dict(), "after": after.to_dict()}))
-    pruning = result.report["pruning"]
-    print(f"{defense.name} (preset {args.preset}) on {len(clean)} clean images: pruned "
-          f"{pruning['pruned']} of {pruning['total_channels']} channels (rule: {pruning['rule']}); "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    if not result.report["unlearning"]["reached_threshold"]:
-        _log(f"warning: {result.report['unlearning']['warning']}")
-    print(f"outputs: {out}")
-    return 0
+    return threshold_sweep(result, evaluate_row)
+
+
+def _summary_line(defense, args, result, clean_size: int) -> str:
+    label = f"{defense.name} (preset {args.preset})" if isinstance(defense, RNP) else defense.name
+    parts = [f"{label} on {clean_size} clean images"]
+    pruning = result.report.get("pruning")
+    if pruning:
+        parts.append(f"pruned {pruning['pruned']} of {pruning['total_channels']} channels "
+                     f"(rule: {pruning['rule']})")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    return ": ".join(parts) + ("; " + timings if timings else "")
+
+
+def _warnings(report: dict) -> list[str]:
+    """Warnings a defense left in its report (top level, or in one of its stages)."""
+    found = [report["warning"]] if isinstance(report.get("warning"), str) else []
+    return found + [value["warning"] for value in report.values()
+                    if isinstance(value, dict) and isinstance(value.get("warning"), str)]
 
 
 def demo(args) -> int:

@@ -12,7 +12,7 @@ from rnp import __version__
 from rnp.attacks import ATTACKS
 from rnp.cli import commands
 from rnp.cli.options import add_config_options, clean_size
-from rnp.defenses import DEFENSES, RNPConfig
+from rnp.defenses import DEFENSES
 from rnp.errors import RnpError
 from rnp.models import MODEL_NAMES
 from rnp.training import TrainConfig
@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rnp: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
+    """The whole command line; ``rnp defend`` takes the settings of defense ``method``."""
     parser = _Parser(prog="rnp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rnp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate)
     evaluate.set_defaults(handler=commands.evaluate)
 
-    defend = sub.add_parser("defend", help="purify a model with a removal defense")
+    defend = sub.add_parser("defend", help="purify a model with a removal defense (see --list)")
     defend.add_argument("--list", action="store_true", help="list the defenses and exit")
-    defend.add_argument("--method", default="rnp", choices=sorted(DEFENSES))
+    defend.add_argument("--method", default="rnp", choices=sorted(DEFENSES),
+                        help="the defense (default rnp); the settings shown below are this "
+                             "method's: `rnp defend --method NAME --help` lists another's")
     defend.add_argument("--run", help="run folder written by `rnp train`")
     defend.add_argument("--model", help="model weights (.safetensors or a PyTorch state dict)")
     defend.add_argument("--data", help="dataset spec the clean images are drawn from (with --model)")
@@ -87,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clean images: a count, or a fraction of the training split (default 500)")
     defend.add_argument("--clean-seed", type=int, default=0)
     defend.add_argument("--stratified", action="store_true", help="equal clean images per class")
-    defend.add_argument("--preset", choices=["default", "paper"], default="default",
-                        help="'paper' is the published recipe; options below override either")
-    defend.add_argument("--oracle-sweep", action="store_true",
-                        help="ORACLE ANALYSIS: also measure test CA/ASR at every mask threshold "
-                             "0.00..0.90 (uses test data; never used to choose)")
-    add_config_options(defend, RNPConfig)
+    if method == "rnp":
+        defend.add_argument("--preset", choices=["default", "paper"], default="default",
+                            help="'paper' is the published recipe; options below override either")
+        defend.add_argument("--oracle-sweep", action="store_true",
+                            help="ORACLE ANALYSIS: also measure test CA/ASR at every mask threshold "
+                                 "0.00..0.90 (uses test data; never used to choose)")
+    add_config_options(defend, DEFENSES[method].config_class)
     _add_common(defend)
     defend.set_defaults(handler=commands.defend)
     return parser
@@ -119,7 +123,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand and returns the exit status (0, 2 for an input error, 130 if interrupted)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_chosen_method(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, or a command-line mistake already reported
@@ -134,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnp: interrupted", file=sys.stderr)
         return 130
+
+
+def _chosen_method(argv: list[str]) -> str:
+    """The ``--method`` of an ``rnp defend`` command line, so that its settings become options.
+
+    An unknown name falls back to rnp here; argparse then rejects it with the list of choices.
+    """
+    if not argv or argv[0] != "defend":
+        return "rnp"
+    for index, item in enumerate(argv):
+        value = item.split("=", 1)[1] if item.startswith("--method=") else (
+            argv[index + 1] if item == "--method" and index + 1 < len(argv) else None)
+        if value is not None:
+            return value if value in DEFENSES else "rnp"
+    return "rnp"
 
 
 def _fail(message: str) -> int:

@@ -1,12 +1,15 @@
-"""What every removal defense is: ``fit(model, clean_data) -> DefenseResult``.
+"""What every removal defense is: ``Defense(**settings).fit(model, clean_data) -> DefenseResult``.
 
 A defense sees only the suspect model and the defender's clean images; it never sees test
 labels or poisoned data. The input model is never modified: the result holds a new model.
+Each defense keeps its hyperparameters in one dataclass (``config_class``) whose defaults are
+its paper's; keyword settings override single fields, from Python and from the CLI alike.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,13 +34,48 @@ class DefenseResult:
 
 
 class RemovalDefense:
-    """Base class of removal defenses; subclasses set ``name``, ``summary`` and ``fit``."""
+    """Base class of removal defenses.
+
+    Subclasses set ``name`` (the registry and CLI key), ``summary`` (one line for
+    ``rnp defend --list``), ``config_class`` (a dataclass of every hyperparameter) and
+    implement :meth:`fit`. ``Defense(config)`` takes a whole config, ``Defense(**settings)``
+    the defaults with some fields overridden; unknown settings are an error.
+    """
 
     name: str = ""
     summary: str = ""
+    config_class: type | None = None
+
+    def __init__(self, config=None, *, progress: bool = False, **overrides):
+        if config is not None and overrides:
+            raise RnpError("give either a config or keyword settings, not both")
+        if config is None:
+            config = self.config_class(**self.check_settings(overrides))
+        elif not isinstance(config, self.config_class):
+            raise RnpError(f"{self.name} takes a {self.config_class.__name__}, "
+                           f"got {type(config).__name__}")
+        self.config = config
+        self.progress = progress
+
+    @classmethod
+    def check_settings(cls, settings: dict) -> dict:
+        """``settings`` unchanged if every key is a field of ``config_class``; else RnpError."""
+        known = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise RnpError(f"{cls.name} has no setting {', '.join(map(repr, unknown))}; "
+                           f"its settings are: {', '.join(sorted(known))}")
+        return settings
 
     def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+        """Purifies a copy of ``model`` using only ``clean_data`` (an ImageSet or a dataset of
+        ``(image, label)`` pairs)."""
         raise NotImplementedError
+
+    def base_report(self, clean: ImageSet, timer: "StageTimer") -> dict:
+        """The report fields every defense shares: method, settings, clean-set size, seconds."""
+        return {"method": self.name, "config": dataclasses.asdict(self.config),
+                "clean_images": len(clean), "seconds": dict(timer.seconds)}
 
 
 class StageTimer:

@@ -1,11 +1,20 @@
-"""Per-channel masks on the BatchNorm scales of any ``nn.Module``, and channel pruning.
+"""Per-channel masks on any ``nn.Module``, and channel pruning.
 
-A mask ``m`` multiplies a BatchNorm layer's scale: the layer computes ``(gamma * m) x_hat + beta``
-(the "filter level" of RNP). Masks are attached with ``torch.nn.utils.parametrize``, so they work
-on any model that contains BatchNorm layers (ours, a user's class, a torchvision model) without
-a masked copy of each architecture. Pruning a channel sets its ``gamma`` to zero and keeps
-``beta`` and the running statistics, as RNP and ANP do: the channel then outputs the constant
-``beta``.
+A mask ``m`` multiplies one output channel's weights. Four kinds of layer can carry masks:
+
+- ``batchnorm``: the scale, so the layer computes ``(gamma * m) x_hat + beta`` (the "filter
+  level" of RNP and ANP);
+- ``layernorm``: the per-feature scale, the same thing for transformer-style models;
+- ``conv``: each output channel's filter of an ``nn.Conv1d/2d/3d`` (transposed convolutions
+  keep their output channels in the second weight dimension and are not masked);
+- ``linear``: each output feature's row of an ``nn.Linear``, except the model's last Linear
+  layer, whose outputs are the class scores rather than features.
+
+In every kind the bias is left alone, so a pruned channel outputs a constant (``beta`` or the
+bias), as RNP does on BatchNorm. ``"auto"`` picks BatchNorm when the model has it (the paper's
+choice), else LayerNorm (transformers), else convolution and linear channels (e.g. VGG without
+BN). Masks are attached with ``torch.nn.utils.parametrize``, so they work on any model (ours, a
+user's class, a torchvision model) without a masked copy of each architecture.
 """
 
 from __future__ import annotations
@@ -20,30 +29,75 @@ from torch.nn.utils import parametrize
 from rnp.errors import RnpError
 
 
+LAYER_KINDS = ("batchnorm", "layernorm", "conv", "linear")
+AUTO_CHOICES = (("batchnorm",), ("layernorm",), ("conv", "linear"))
+
+
 class ChannelMask(nn.Module):
-    """Parametrization ``weight -> weight * mask`` with one mask value per channel, initially 1."""
+    """Parametrization ``weight -> weight * mask`` with one mask value per output channel (the
+    weight's first dimension), initially 1."""
 
     def __init__(self, num_channels: int):
         super().__init__()
         self.mask = nn.Parameter(torch.ones(num_channels))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        return weight * self.mask.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def parse_layer_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"auto"``, one kind, or several (``"conv,linear"`` or a sequence) -> a tuple of kinds."""
+    items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
+    items = tuple(item.strip() for item in items if item.strip())
+    if items == ("auto",):
+        return items
+    unknown = [item for item in items if item not in LAYER_KINDS]
+    if not items or unknown:
+        raise RnpError(f"mask layers must be 'auto' or a comma-separated list of "
+                       f"{', '.join(LAYER_KINDS)}; got {kinds!r}")
+    return items
+
+
+def maskable_layers(model: nn.Module, kinds="auto") -> list[tuple[str, nn.Module]]:
+    """The model's layers of the given kinds that carry masks, in registration order.
+
+    ``kinds="auto"`` takes the first of BatchNorm, LayerNorm, or convolution + linear that the
+    model has. Raises :class:`RnpError` naming the layer types found when none qualifies.
+    """
+    kinds = parse_layer_kinds(kinds)
+    candidates = AUTO_CHOICES if kinds == ("auto",) else (kinds,)
+    for choice in candidates:
+        layers = _layers_of(model, choice)
+        if layers:
+            return layers
+    found = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
+    summary = ", ".join(f"{name} x{count}" for name, count in found.most_common()) or "none"
+    wanted = "BatchNorm, LayerNorm, convolution or hidden linear" if kinds == ("auto",) else "/".join(kinds)
+    raise RnpError(f"the model has no {wanted} layer with learnable weights to put channel masks "
+                   f"on (layer types found: {summary})")
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's BatchNorm layers that have a learnable scale, in registration order.
+    """The model's BatchNorm layers that have a learnable scale (RnpError if there are none)."""
+    return maskable_layers(model, ("batchnorm",))
 
-    Raises :class:`RnpError` naming the layer types found when there are none.
-    """
-    layers = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine]
-    if not layers:
-        found = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
-        kinds = ", ".join(f"{name} x{count}" for name, count in found.most_common()) or "none"
-        raise RnpError("the model has no BatchNorm layer with a learnable scale, which RNP's "
-                       f"masks act on (layer types found: {kinds})")
-    return layers
+
+def _layers_of(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    classifier = linears[-1] if linears else None
+
+    def kind_of(module: nn.Module) -> str | None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return "batchnorm" if module.affine else None
+        if isinstance(module, nn.LayerNorm):
+            return "layernorm" if module.elementwise_affine else None
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return "conv"
+        if isinstance(module, nn.Linear):
+            return "linear" if module is not classifier else None
+        return None
+
+    return [(name, module) for name, module in model.named_modules() if kind_of(module) in kinds]
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,12 +142,13 @@ class ChannelScores:
 
 
 class MaskSet:
-    """Masks attached to a model's BatchNorm layers; :meth:`scores` reads them out."""
+    """Masks attached to a model's layers of the given kinds (see :func:`maskable_layers`);
+    :meth:`scores` reads them out."""
 
-    def __init__(self, model: nn.Module):
-        self.layers = batchnorm_layers(model)
+    def __init__(self, model: nn.Module, kinds="auto"):
+        self.layers = maskable_layers(model, kinds)
         for _, module in self.layers:
-            parametrize.register_parametrization(module, "weight", ChannelMask(module.num_features))
+            parametrize.register_parametrization(module, "weight", ChannelMask(module.weight.shape[0]))
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -110,13 +165,15 @@ class MaskSet:
 
     def scores(self) -> ChannelScores:
         return ChannelScores(tuple(name for name, _ in self.layers),
-                             tuple(module.num_features for _, module in self.layers),
+                             tuple(len(p) for p in self.parameters),
                              torch.cat([p.detach().cpu().clone() for p in self.parameters]))
 
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, scores: ChannelScores, channels) -> nn.Module:
-    """Zeroes the BatchNorm scale of the given channels (indices into ``scores``) in place."""
+    """Zeroes the weights of the given channels (indices into ``scores``) in place: the scale of
+    a BatchNorm or LayerNorm channel, the filter of a convolution channel, the row of a linear
+    feature. Biases stay, so a pruned channel outputs a constant."""
     modules = dict(model.named_modules())
     layers, positions = scores.layers, scores.channels
     for index in torch.as_tensor(channels, dtype=torch.long).tolist():

@@ -5,10 +5,11 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
 
 1. *Unlearn*: gradient ascent on the cross-entropy, all weights, until the clean accuracy
    collapses. The backdoor survives, so the unlearned model exposes it.
-2. *Recover*: on the unlearned model, learn one mask in [0, 1] per BatchNorm channel by
-   ordinary descent. Clean function comes back through the clean channels; masks of channels
+2. *Recover*: on the unlearned model, learn one mask in [0, 1] per channel by ordinary
+   descent (BatchNorm channels as in the paper; LayerNorm, convolution or linear channels for
+   models without BatchNorm, see :mod:`rnp.defenses.masks`). Clean function comes back through the clean channels; masks of channels
    that carry the backdoor stay small.
-3. *Prune*: zero the BatchNorm scale of the low-mask channels in the ORIGINAL model.
+3. *Prune*: zero the low-mask channels' weights in the ORIGINAL model.
 
 ``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
@@ -27,7 +28,7 @@ from torch import nn
 
 from rnp.data.images import ImageSet
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
-from rnp.defenses.masks import ChannelScores, MaskSet, batchnorm_layers, prune_channels
+from rnp.defenses.masks import ChannelScores, MaskSet, maskable_layers, parse_layer_kinds, prune_channels
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
@@ -64,6 +65,7 @@ class RNPConfig:
     prune_number: int = 10  # prune this many channels in mask order (rule "number")
     tolerance: float = 0.02  # rule "auto": largest pruning whose clean-set accuracy drop <= this
     max_prune_fraction: float = 0.05  # rule "auto": never prune more than this share of channels
+    mask_layers: str = "auto"  # (paper: batchnorm) auto | comma list of batchnorm, layernorm, conv, linear
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +75,7 @@ class RNPConfig:
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.unlearn_milestones = tuple(int(m) for m in self.unlearn_milestones)
+        parse_layer_kinds(self.mask_layers)
         if not 0 <= self.clean_threshold <= 1 or not 0 <= self.threshold <= 1:
             raise RnpError("clean_threshold and threshold must lie in [0, 1]")
         if self.unlearn_epochs < 1 or self.recover_epochs < 1 or self.batch_size < 1:
@@ -95,7 +98,7 @@ class RNPResult(DefenseResult):
 
     @property
     def masks(self) -> ChannelScores:
-        """The recovered mask of every BatchNorm channel."""
+        """The recovered mask of every masked channel."""
         return self.artifacts["masks"]
 
     @property
@@ -114,21 +117,22 @@ class RNP(RemovalDefense):
 
     name = "rnp"
     summary = "Reconstructive Neuron Pruning: unlearn, recover channel masks, prune (Li et al., ICML 2023)"
+    config_class = RNPConfig
 
     def __init__(self, config: RNPConfig | None = None, *, preset: str | None = None,
                  progress: bool = False, **overrides):
         if preset not in (None, "default", "paper"):
             raise RnpError(f"unknown RNP preset {preset!r}; choose default or paper")
-        if config is not None and (overrides or preset):
-            raise RnpError("give either a config or keyword settings, not both")
-        if config is None:
-            config = RNPConfig.paper(**overrides) if preset == "paper" else RNPConfig(**overrides)
-        self.config = config
-        self.progress = progress
+        if config is not None and preset:
+            raise RnpError("give either a config or a preset, not both")
+        if preset == "paper":
+            config = RNPConfig.paper(**self.check_settings(overrides))
+            overrides = {}
+        super().__init__(config, progress=progress, **overrides)
 
     def fit(self, model: nn.Module, clean_data) -> RNPResult:
         original, clean, device = prepare_inputs(model, clean_data)
-        batchnorm_layers(original)
+        layers = maskable_layers(original, self.config.mask_layers)
         timer = StageTimer()
         with timer.stage("unlearn"):
             unlearned, unlearning = self.unlearn(original, clean, device)
@@ -142,6 +146,9 @@ class RNP(RemovalDefense):
             "method": self.name,
             "config": dataclasses.asdict(self.config),
             "clean_images": len(clean),
+            "mask_layers": {"setting": self.config.mask_layers,
+                            "layer_types": sorted({type(module).__name__ for _, module in layers}),
+                            "layers": len(layers)},
             "unlearning": unlearning,
             "masks": _mask_summary(scores),
             "pruning": {**selection, "pruned": count, "total_channels": len(scores),
@@ -197,7 +204,7 @@ class RNP(RemovalDefense):
         model = copy.deepcopy(unlearned)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        masks = MaskSet(model)
+        masks = MaskSet(model, cfg.mask_layers)
         optimizer = torch.optim.SGD(masks.parameters, lr=cfg.recover_lr, momentum=cfg.recover_momentum)
         generator = generator_for(cfg.seed, "rnp-recover")
         push = torch.zeros(sum(p.numel() for p in masks.parameters))

@@ -49,6 +49,19 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He initialisation of the convolutions (He et al., ICCV 2015), zero biases.
+
+        PyTorch's default initialisation is too small for 13 stacked convolutions without BN:
+        measured here, plain VGG-16 then never leaves chance accuracy on CIFAR-10 or on the
+        synthetic test images. Torchvision's VGG uses the same rule.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(self.normalize(x)))

@@ -44,12 +44,15 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
               batch_size: int = 128, generator: torch.Generator | None = None, augment: bool = True,
               ascent: bool = False, loss_scale: float = 1.0,
               after_step: Callable[[StepInfo], bool] | None = None,
+              penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               hook: TrainingHook | None = None, progress=None, device="cpu") -> EpochStats:
     """Trains ``model`` for one epoch over ``data`` in train mode.
 
     ``ascent`` maximises the cross-entropy instead of minimising it. ``after_step`` is called
     after every update; returning True ends the epoch at once (``stopped`` is then set), which
-    is how a stopping rule checked per step works. ``hook`` lets an attack rewrite each batch
+    is how a stopping rule checked per step works. ``penalty(images, labels, logits)`` returns a
+term added to the objective after the forward pass (e.g. a distillation loss on activations
+the forward pass recorded); it is not counted in the reported loss. ``hook`` lets an attack rewrite each batch
     and train its own parts alongside (see :class:`TrainingHook`). ``progress`` is an optional
     tqdm bar.
     """
@@ -66,6 +69,8 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
         objective = (-loss if ascent else loss) * loss_scale
         if extra is not None:
             objective = objective + extra
+        if penalty is not None:
+            objective = objective + penalty(images, labels, logits)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()

@@ -1,0 +1,28 @@
+"""Fixtures shared across test files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import make_synthetic_backdoor
+
+
+@pytest.fixture(scope="session")
+def synthetic_backdoor():
+    """The tiny backdoored model every removal defense is tested on (trained once per session).
+
+    Tests must not modify ``synthetic_backdoor.model``; defenses work on their own copy.
+    """
+    return make_synthetic_backdoor()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny models run faster without thread contention,
+    above all beside another job, and results do not depend on the machine's core count.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
