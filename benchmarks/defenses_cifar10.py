@@ -38,6 +38,12 @@ from rnp.io.runs import load_run
 from rnp.metrics import der, evaluate_backdoor
 from rnp.training import TrainConfig
 
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "nad (betas/10)": ("nad", {"betas": (0.0, 0.0, 500.0)}),
+}
+"""Labelled extra settings (``--variants``), run after NAD's paper betas were seen to collapse
+clean accuracy on this architecture: a sensitivity check, not a tuned result."""
+
 CPU_BUDGETS: dict[str, dict] = {
     "anp": {"iterations": 200},
     "nc": {"steps": 120, "samples_per_step": 64},
@@ -54,6 +60,7 @@ def main() -> None:
     parser.add_argument("--rate", action="append", default=[], metavar="ATTACK=RATE",
                         help="poisoning rate other than the attack's default")
     parser.add_argument("--defenses", nargs="+", default=sorted(DEFENSES), choices=sorted(DEFENSES))
+    parser.add_argument("--variants", action="store_true", help="also run the VARIANTS")
     parser.add_argument("--arch", default="preact_resnet18")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=10)
@@ -88,7 +95,10 @@ def run_attack(args, name: str, rate: str | None, out: Path) -> None:
     subject = name + (f"@{float(rate):g}" if rate else "")
     if args.arch != "preact_resnet18":
         subject += f" ({args.arch})"
-    todo = [d for d in args.defenses if not cell_path(out, subject, d).exists()]
+    jobs = {name: (name, {}) for name in args.defenses}
+    if args.variants:
+        jobs.update(VARIANTS)
+    todo = [d for d in jobs if not cell_path(out, subject, d).exists()]
     if not todo:
         return
     log = lambda line: print(f"[{subject}] {line}", file=sys.stderr, flush=True)  # noqa: E731
@@ -101,8 +111,9 @@ def run_attack(args, name: str, rate: str | None, out: Path) -> None:
     pool, exclude = run.clean_pool()
     clean, indices = select_clean_subset(pool, args.clean_size, seed=args.clean_seed, exclude=exclude)
     for defense_name in todo:
-        settings = {} if args.paper_settings else CPU_BUDGETS.get(defense_name, {})
-        defense = DEFENSES[defense_name](**settings)
+        method, extra = jobs[defense_name]
+        settings = {**({} if args.paper_settings else CPU_BUDGETS.get(method, {})), **extra}
+        defense = DEFENSES[method](**settings)
         start = time.perf_counter()
         try:
             result = defense.fit(run.model, clean)
@@ -124,8 +135,10 @@ def run_attack(args, name: str, rate: str | None, out: Path) -> None:
 
 
 def cell_path(out: Path, subject: str, defense: str) -> Path:
-    safe = subject.replace(" ", "_").replace("(", "").replace(")", "").replace("@", "_at_")
-    return out / f"{safe}__{defense}.json"
+    def safe(text: str) -> str:
+        return (text.replace(" ", "_").replace("(", "").replace(")", "").replace("@", "_at_")
+                .replace("/", "_over_"))
+    return out / f"{safe(subject)}__{safe(defense)}.json"
 
 
 def _digest(indices: torch.Tensor) -> str:
@@ -149,12 +162,13 @@ def tables(cells: list[dict]) -> str:
     def pct(value):
         return f"{100 * value:.1f}"
 
-    defenses = sorted({c["defense"] for c in cells}, key=lambda d: (d != "rnp", d))
+    present = {c["defense"] for c in cells}
+    defenses = [d for d in (*DEFENSES, *VARIANTS) if d in present]
     subjects = sorted({c["subject"] for c in cells})
     by_key = {(c["subject"], c["defense"]): c for c in cells}
     lines = ["| attack | before CA / ASR / RA | defense | CA | ASR | RA | DER | seconds | x RNP time |",
              "|---|---|---|---|---|---|---|---|---|"]
-    ratios: dict[str, list[float]] = {d: [] for d in defenses}
+    ratios: dict[str, list[float]] = {d: [] for d in defenses}  # PreAct subjects only
     for subject in subjects:
         rnp = by_key.get((subject, "rnp"))
         for defense in defenses:
@@ -168,17 +182,19 @@ def tables(cells: list[dict]) -> str:
                 continue
             a = cell["after"]
             ratio = cell["seconds"] / rnp["seconds"] if rnp else None
-            if ratio is not None:
+            if ratio is not None and cell["arch"] == "preact_resnet18":
                 ratios[defense].append(ratio)
             lines.append(f"| {subject} | {pct(b['clean_accuracy'])} / {pct(b['attack_success_rate'])} / "
                          f"{pct(b['robust_accuracy'])} | {defense} | {pct(a['clean_accuracy'])} | "
                          f"{pct(a['attack_success_rate'])} | {pct(a['robust_accuracy'])} | "
                          f"{pct(cell['der'])} | {cell['seconds']:.0f} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}'} |")
-    lines += ["", "| defense | subjects | mean CA | mean ASR | mean RA | mean DER | mean seconds | "
-                  "mean x RNP time | settings |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Means over the PreAct-ResNet18 subjects:", "",
+              "| defense | subjects | mean CA | mean ASR | mean RA | mean DER | mean seconds | "
+              "mean x RNP time | settings |", "|---|---|---|---|---|---|---|---|---|"]
     for defense in defenses:
-        rows = [c for c in cells if c["defense"] == defense and "error" not in c]
+        rows = [c for c in cells if c["defense"] == defense and "error" not in c
+                and c["arch"] == "preact_resnet18"]
         if not rows:
             continue
 
@@ -191,6 +207,28 @@ def tables(cells: list[dict]) -> str:
                      f"{pct(mean('attack_success_rate'))} | {pct(mean('robust_accuracy'))} | "
                      f"{pct(statistics.mean(c['der'] for c in rows))} | "
                      f"{statistics.mean(c['seconds'] for c in rows):.0f} | {ratio} | {settings} |")
+    for key, label in (("attack_success_rate", "ASR"), ("clean_accuracy", "CA"), ("der", "DER")):
+        lines += ["", pivot(cells, subjects, defenses, key, label)]
+    return "\n".join(lines)
+
+
+def pivot(cells: list[dict], subjects: list[str], defenses: list[str], key: str, label: str) -> str:
+    """One metric (after defense) as a subject x defense grid, the value before in column 2."""
+    by_key = {(c["subject"], c["defense"]): c for c in cells}
+    lines = [f"{label} after each defense (%):", "",
+             "| attack | before | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 2) + "|"]
+    for subject in subjects:
+        some = next((by_key[(subject, d)] for d in defenses if (subject, d) in by_key), None)
+        before = "-" if key == "der" or some is None else f"{100 * some['before'][key]:.1f}"
+        row = []
+        for defense in defenses:
+            cell = by_key.get((subject, defense))
+            if cell is None or "error" in cell:
+                row.append("n/a" if cell else "")
+            else:
+                value = cell["der"] if key == "der" else cell["after"][key]
+                row.append(f"{100 * value:.1f}")
+        lines.append(f"| {subject} | {before} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
