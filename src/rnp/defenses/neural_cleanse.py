@@ -37,11 +37,11 @@ from torch import nn
 
 from rnp.data.images import ImageSet, to_uint8
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
+from rnp.defenses.finetune import fine_tune
 from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, anomaly_indices,
                                            apply_trigger, flag_classes, output_classes,
                                            reverse_engineer_trigger)
 from rnp.errors import RnpError
-from rnp.training.loop import run_epoch
 from rnp.utils import generator_for, progress_bar
 
 
@@ -130,15 +130,12 @@ class NeuralCleanse(RemovalDefense):
                     "note": "no class was flagged; the model is returned unchanged"}
         stamped, count = stamp_clean_set(clean, triggers, cfg.unlearn_fraction,
                                          generator_for(cfg.seed, "nc-stamp"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearn_lr,
-                                    momentum=cfg.unlearn_momentum,
-                                    weight_decay=cfg.unlearn_weight_decay)
-        generator = generator_for(cfg.seed, "nc-unlearn")
-        epochs = []
-        for epoch in range(cfg.unlearn_epochs):
-            stats = run_epoch(model, stamped, optimizer, batch_size=cfg.unlearn_batch_size,
-                              generator=generator, augment=cfg.unlearn_augment, device=device)
-            epochs.append({"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy})
+        history = fine_tune(model, stamped, epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr,
+                            momentum=cfg.unlearn_momentum, weight_decay=cfg.unlearn_weight_decay,
+                            batch_size=cfg.unlearn_batch_size, augment=cfg.unlearn_augment,
+                            seed=cfg.seed, purpose="nc-unlearn", device=device)
+        epochs = [{"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy}
+                  for epoch, stats in enumerate(history)]
         return {"performed": True, "targets": [t.target for t in triggers],
                 "stamped_images": count, "per_epoch": epochs}
 
