@@ -13,7 +13,8 @@ cell is never recomputed, so an interrupted run resumes.
 
 Run one process per group of attacks (one thread each), then ``--table-only`` to print the
 joined table. Defenses whose paper settings cost far more than the others on this CPU run with
-the budgets in :data:`CPU_BUDGETS` (printed under the table); ``--paper-settings`` lifts them.
+the budgets in :data:`CPU_BUDGETS` (shown in the table's settings column); ``--paper-settings``
+lifts them. ``--variants`` adds the labelled extra settings of :data:`VARIANTS`.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def tables(cells: list[dict]) -> str:
             return statistics.mean(c["after"][key] for c in rows)
 
         ratio = f"{statistics.mean(ratios[defense]):.2f}" if ratios[defense] else "-"
-        settings = rows[0]["settings"] or "paper"
+        settings = rows[0]["settings"] or "defaults"
         lines.append(f"| {defense} | {len(rows)} | {pct(mean('clean_accuracy'))} | "
                      f"{pct(mean('attack_success_rate'))} | {pct(mean('robust_accuracy'))} | "
                      f"{pct(statistics.mean(c['der'] for c in rows))} | "
