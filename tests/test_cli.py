@@ -494,8 +494,13 @@ def test_defend_refuses_another_methods_setting(capsys, trained, tmp_path):
 
 @pytest.mark.parametrize("method, options", [
     ("ft", ["--epochs", "1"]),
+    ("fp", ["--epochs", "1", "--max-prune-fraction", "0.25"]),
+    ("nad", ["--epochs", "1", "--teacher-epochs", "1"]),
+    ("anp", ["--iterations", "2", "--batch-size", "8"]),
+    ("ibau", ["--rounds", "1", "--batch-size", "10"]),
     ("clp", ["--u", "0.5"]),
     ("nc", ["--steps", "2", "--samples-per-step", "16", "--batch-size", "8"]),
+    ("sau", ["--epochs", "1", "--batch-size", "10"]),
 ])
 def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, method, options):
     out = tmp_path / method
@@ -510,6 +515,12 @@ def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, me
     assert f"{method} on 20 clean images" in stdout
     if method == "clp":
         assert "pruned" in stdout and report["pruning"]["pruned"] > 0
+    scores = {"anp": "masks.csv", "clp": "bounds.csv", "fp": "activations.csv"}.get(method)
+    if scores:
+        assert (out / scores).read_text().startswith("layer,channel,value\n")
+    tensors = {"nc": {"trigger_masks", "trigger_patterns"}, "ibau": {"perturbations"}}.get(method)
+    if tensors:
+        assert set(load_checkpoint(out / "artifacts.safetensors")[0]) == tensors
 
 
 def _subcommands() -> list[str]:
