@@ -44,6 +44,19 @@ def tiny_cnn(num_classes: int = 2, width: int = 4, seed: int = 0, batch_norm: bo
     )
 
 
+def assert_only_channels_zeroed(original: dict, purified: dict, zeroed: set) -> None:
+    """``purified`` equals the ``original`` state dict except that the weight rows of the
+    ``(layer, channel)`` pairs in ``zeroed`` are exactly 0."""
+    for name, tensor in purified.items():
+        layer, _, field = name.rpartition(".")
+        if field == "weight" and any(layer == z[0] for z in zeroed):
+            for channel in range(len(tensor)):
+                expected = 0.0 if (layer, channel) in zeroed else original[name][channel]
+                assert bool((tensor[channel] == expected).all()), (name, channel)
+        else:
+            assert torch.equal(tensor, original[name]), name
+
+
 def smooth_images(n: int, num_classes: int = 10, size: int = 16, seed: int = 0) -> ImageSet:
     """Class c is a fixed smooth colour layout; each image adds its own smooth noise.
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_cnn
+from helpers import assert_only_channels_zeroed, tiny_cnn
 from rnp.defenses.anp import ANP, ANPConfig, NeuronPerturbations
 from rnp.defenses.masks import batchnorm_layers
 from rnp.errors import RnpError
@@ -91,14 +91,7 @@ def test_pruned_channels_have_zero_scale_and_everything_else_is_the_original(res
     purified = result.model.state_dict()
     zeroed = {(c["layer"], c["channel"]) for c in pruning["channels"]}
     assert len(zeroed) == pruning["pruned"] > 0
-    for name, tensor in purified.items():
-        layer, _, field = name.rpartition(".")
-        if field == "weight" and any(layer == z[0] for z in zeroed):
-            for channel in range(len(tensor)):
-                expected = 0.0 if (layer, channel) in zeroed else original[name][channel]
-                assert tensor[channel] == expected
-        else:
-            assert torch.equal(tensor, original[name]), name
+    assert_only_channels_zeroed(original, purified, zeroed)
     assert not result.model.training
     assert type(result.model) is type(synthetic_backdoor.model)
 

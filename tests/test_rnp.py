@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import separable_image_set, tiny_cnn
+from helpers import assert_only_channels_zeroed, separable_image_set, tiny_cnn
 from rnp import RNP, RNPConfig
 from rnp.data import ImageSet
 from rnp.defenses import MaskSet, batchnorm_layers, prune_channels
@@ -94,14 +94,7 @@ def test_pruning_zeroes_only_the_scale_of_pruned_channels_in_the_original(traine
     assert len(pruned) == 6
     original, purified = trained.state_dict(), result.model.state_dict()
     zeroed = {(c["layer"], c["channel"]) for c in pruned}
-    for name, tensor in purified.items():
-        layer, _, field = name.rpartition(".")
-        if field == "weight" and any(layer == z[0] for z in zeroed):
-            for channel in range(len(tensor)):
-                expected = 0.0 if (layer, channel) in zeroed else original[name][channel]
-                assert tensor[channel] == expected
-        else:
-            assert torch.equal(tensor, original[name]), name
+    assert_only_channels_zeroed(original, purified, zeroed)
 
 
 def test_input_model_is_never_modified(trained, clean):

@@ -245,9 +245,7 @@ class ANP(RemovalDefense):
         """Learns the masks on a frozen copy of ``original``; returns them and, per iteration,
         the natural loss and accuracy and the perturbed loss on the batch."""
         cfg = self.config
-        model = copy.deepcopy(original)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        model = copy.deepcopy(original).requires_grad_(False)
         neurons = NeuronPerturbations(model, cfg.mask_layers)
         optimizer = torch.optim.SGD(neurons.masks, lr=cfg.lr, momentum=cfg.momentum)
         batches = generator_for(cfg.seed, "anp-batches")

@@ -201,9 +201,7 @@ class RNP(RemovalDefense):
         hard descent pushed it towards 0), the tie-break among equal masks.
         """
         cfg = self.config
-        model = copy.deepcopy(unlearned)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        model = copy.deepcopy(unlearned).requires_grad_(False)
         masks = MaskSet(model, cfg.mask_layers)
         optimizer = torch.optim.SGD(masks.parameters, lr=cfg.recover_lr, momentum=cfg.recover_momentum)
         generator = generator_for(cfg.seed, "rnp-recover")

@@ -245,7 +245,4 @@ def shared_adversarial_risk(logits: torch.Tensor, labels_bd: torch.Tensor,
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """The backdoored model as SAU's fixed reference: eval mode, no gradients."""
-    reference = copy.deepcopy(model).eval()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
-    return reference
+    return copy.deepcopy(model).eval().requires_grad_(False)
