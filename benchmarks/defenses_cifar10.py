@@ -20,6 +20,7 @@ lifts them. ``--variants`` adds the labelled extra settings of :data:`VARIANTS`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -102,7 +103,9 @@ def run_attack(args, name: str, rate: str | None, out: Path) -> None:
     todo = [d for d in jobs if not cell_path(out, subject, d).exists()]
     if not todo:
         return
-    log = lambda line: print(f"[{subject}] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    def log(line: str) -> None:
+        print(f"[{subject}] {line}", file=sys.stderr, flush=True)
+
     run_dir = cached_subject(args.cache, args.data, attack, arch=args.arch, width=args.width,
                              config=TrainConfig(epochs=args.epochs, lr=args.lr),
                              cache_dir=Path(args.cache) / "data", progress=False, log=log)
@@ -143,7 +146,6 @@ def cell_path(out: Path, subject: str, defense: str) -> Path:
 
 
 def _digest(indices: torch.Tensor) -> str:
-    import hashlib
     return hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:12]
 
 
