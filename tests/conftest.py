@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_synthetic_backdoor
+from helpers import make_synthetic_backdoor, make_synthetic_clean_model
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,12 @@ def synthetic_backdoor():
     Tests must not modify ``synthetic_backdoor.model``; defenses work on their own copy.
     """
     return make_synthetic_backdoor()
+
+
+@pytest.fixture(scope="session")
+def synthetic_clean_model():
+    """A clean model on the synthetic images (trained once per session); tests must not modify it."""
+    return make_synthetic_clean_model()
 
 
 @pytest.fixture(scope="module")

@@ -101,3 +101,18 @@ def make_synthetic_backdoor() -> SyntheticBackdoor:
         return SyntheticBackdoor(model.eval(), clean, test_set, attack.triggered_test(test_set))
     finally:
         torch.set_num_threads(threads)
+
+
+def make_synthetic_clean_model() -> nn.Module:
+    """A clean tiny PreAct-ResNet18 on the same images as :func:`make_synthetic_backdoor` (no
+    trigger), the negative case of the detection tests (about 6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(1)
+        model = build_model("preact_resnet18", num_classes=10, width=8)
+        train(model, smooth_images(1000, seed=0), TrainConfig(epochs=10, lr=0.05, augment=False),
+              progress=False)
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)

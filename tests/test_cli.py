@@ -538,7 +538,7 @@ def test_help_exits_zero(capsys, argv):
 
 
 def test_subcommands_are_the_documented_ones():
-    assert set(_subcommands()) == {"demo", "train", "evaluate", "defend"}
+    assert set(_subcommands()) == {"demo", "train", "evaluate", "defend", "inspect", "scan-data"}
 
 
 # -- one option per config field ---------------------------------------------------------------

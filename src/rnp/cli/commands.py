@@ -94,7 +94,7 @@ def defend(args) -> int:
         triggered = run.triggered_test()
     else:
         data = load_dataset(args.data, cache_dir=args.cache_dir)
-        model, spec = _outside_model(args, data)
+        model, spec = outside_model(args, data)
         clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
                                        stratified=args.stratified)
         triggered = None
@@ -188,7 +188,7 @@ def _demo_defend_args(args, run_dir: Path):
     return build_parser().parse_args(argv)
 
 
-def _outside_model(args, data):
+def outside_model(args, data):
     """The model in ``--model`` and its spec: from ``--arch``/``--width``, else from rnp's metadata."""
     tensors = load_state_dict(args.model)
     num_classes, in_channels = data.train.num_classes, data.train.image_shape[0]

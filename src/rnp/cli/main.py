@@ -6,13 +6,18 @@ Every subcommand calls the Python API; errors caused by the input print one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from rnp import __version__
 from rnp.attacks import ATTACKS
-from rnp.cli import commands
+from rnp.cli import commands, inspection
+from rnp.cli.inspection import UNLEARN_FIELDS
 from rnp.cli.options import add_config_options, clean_size
-from rnp.defenses import DEFENSES
+from rnp.defenses import DEFENSES, RNPConfig
+from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
+from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
+from rnp.detection.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.models import MODEL_NAMES
 from rnp.training import TrainConfig
@@ -99,7 +104,50 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     add_config_options(defend, DEFENSES[method].config_class)
     _add_common(defend)
     defend.set_defaults(handler=commands.defend)
+
+    inspect = sub.add_parser("inspect", help="what the unlearned model reveals: is the model "
+                                             "backdoored, its target label, its trigger")
+    _add_subject_options(inspect)
+    inspect.add_argument("--label-threshold", type=float, default=LABEL_ANOMALY_THRESHOLD,
+                         help="anomaly index at which the top class is named the target (default 2)")
+    inspect.add_argument("--variance-threshold", type=float, default=EBYD_VARIANCE_THRESHOLD,
+                         help="variance of the class shares above which the model is called "
+                              "backdoored (default 0.01, EBYD's)")
+    inspect.add_argument("--target", type=int, help="recover the trigger of this class instead of "
+                                                    "the detected one")
+    inspect.add_argument("--no-trigger", action="store_true", help="skip the trigger recovery")
+    inspect.add_argument("--trigger-seed", type=int, default=0)
+    add_config_options(inspect, TriggerReverseConfig, prefix="trigger-")
+    inspect.set_defaults(handler=inspection.inspect)
+
+    scan = sub.add_parser("scan-data", help="score every training sample: which ones are poisoned")
+    _add_subject_options(scan)
+    scan.add_argument("--poisoned-indices", help="with --data: file of known poisoned training "
+                                                 "indices (one per line), for AUROC")
+    scan.add_argument("--detectors", nargs="+", choices=sorted(SAMPLE_DETECTORS),
+                      help="default: all (unlearned, loss, ac, ss, strip)")
+    scan.add_argument("--samples", type=int, help="score a seeded random subset of this many samples")
+    scan.add_argument("--sample-seed", type=int, default=0)
+    scan.add_argument("--strip-overlays", type=int, default=100, help="STRIP's N (paper: 100)")
+    scan.set_defaults(handler=inspection.scan_data)
     return parser
+
+
+def _add_subject_options(parser: argparse.ArgumentParser) -> None:
+    """Where the model and the clean images come from, the output folder, and the unlearning
+    settings (RNP's stage 1, which makes the exposure)."""
+    parser.add_argument("--run", help="run folder written by `rnp train`")
+    parser.add_argument("--model", help="model weights (.safetensors or a PyTorch state dict)")
+    parser.add_argument("--data", help="dataset spec (with --model)")
+    parser.add_argument("--arch", choices=MODEL_NAMES, help="architecture of --model")
+    parser.add_argument("--width", type=int, help="width of --model's architecture")
+    parser.add_argument("--out", required=True, help="folder for the reports and figures")
+    parser.add_argument("--clean-size", type=clean_size, default=500,
+                        help="clean images: a count, or a fraction of the training split (default 500)")
+    parser.add_argument("--clean-seed", type=int, default=0)
+    add_config_options(parser, RNPConfig, skip=tuple(f.name for f in dataclasses.fields(RNPConfig)
+                                                     if f.name not in UNLEARN_FIELDS))
+    _add_common(parser)
 
 
 def _add_attack_options(parser: argparse.ArgumentParser) -> None:

@@ -158,18 +158,15 @@ class FP(RemovalDefense):
     summary = ("Fine-Pruning: prune the last conv layer's dormant channels, then fine-tune "
                "(Liu, Dolan-Gavitt, Garg, RAID 2018)")
     config_class = FPConfig
+    ranking_stage = "activations"
 
     def fit(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         cfg = self.config
-        layer, conv = last_conv(working, cfg.layer)
-        site = activation_site(working, layer)
         timer = StageTimer()
-        with timer.stage("activations"):
-            values = mean_activations(working, site, clean, batch_size=cfg.batch_size, device=device)
-            scores = ChannelScores((layer,), (conv.out_channels,), values)
+        with timer.stage(self.ranking_stage):
+            scores, order, ranking = self.rank(working, clean, device)
         with timer.stage("prune"):
-            order = scores.order()
             count, selection = self.choose_count(working, clean, scores, order, device)
             pruned = order[:count]
             prune_channels(working, scores, pruned)
@@ -181,15 +178,24 @@ class FP(RemovalDefense):
         rows = scores.rows()
         report = {
             **self.base_report(clean, timer),
-            "pruning": {**selection, "pruned": count, "total_channels": len(scores),
-                        "layer": layer, "measured_at": site,
+            "pruning": {**selection, "pruned": count, "total_channels": len(scores), **ranking,
                         "channels": [dict(zip(("layer", "channel", "value"), rows[int(i)]))
                                      for i in pruned]},
             "fine_tuning": epoch_rows(history, cfg.lr, cfg.milestones, cfg.gamma),
             "clean_accuracy_after": clean_accuracy(working, clean, device),
         }
-        artifacts = {"activations": scores, "order": order, "pruned_model": pruned_model}
+        artifacts = {self.ranking_stage: scores, "order": order, "pruned_model": pruned_model}
         return DefenseResult(working, report, artifacts, dict(timer.seconds))
+
+    def rank(self, model: nn.Module, clean: ImageSet, device) -> tuple[ChannelScores, torch.Tensor, dict]:
+        """The channels FP may prune, their scores and the pruning order (lowest first), with
+        what the report should say about where they come from: the last conv's mean
+        activation on the clean images."""
+        layer, conv = last_conv(model, self.config.layer)
+        site = activation_site(model, layer)
+        values = mean_activations(model, site, clean, batch_size=self.config.batch_size, device=device)
+        scores = ChannelScores((layer,), (conv.out_channels,), values)
+        return scores, scores.order(), {"layer": layer, "measured_at": site}
 
     @staticmethod
     def keep_pruned(model: nn.Module, scores: ChannelScores, pruned: torch.Tensor) -> bool:

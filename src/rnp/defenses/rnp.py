@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnp.data.images import ImageSet
@@ -135,7 +136,7 @@ class RNP(RemovalDefense):
         layers = maskable_layers(original, self.config.mask_layers)
         timer = StageTimer()
         with timer.stage("unlearn"):
-            unlearned, unlearning = self.unlearn(original, clean, device)
+            unlearned, unlearning, drift = self.unlearn(original, clean, device)
         with timer.stage("recover"):
             scores, push = self.recover(unlearned, clean, device)
         with timer.stage("prune"):
@@ -156,21 +157,27 @@ class RNP(RemovalDefense):
             "seconds": dict(timer.seconds),
         }
         artifacts = {"masks": scores, "order": order, "unlearned_model": unlearned,
-                     "original_model": original}
+                     "original_model": original, "unlearning_predictions": drift}
         return RNPResult(pruned, report, artifacts, dict(timer.seconds))
 
-    def unlearn(self, original: nn.Module, clean: ImageSet, device) -> tuple[nn.Module, dict]:
-        """Stage 1: gradient ascent on all weights until clean accuracy <= clean_threshold."""
+    def unlearn(self, original: nn.Module, clean: ImageSet, device) -> tuple[nn.Module, dict, torch.Tensor]:
+        """Stage 1: gradient ascent on all weights until clean accuracy <= clean_threshold.
+
+        Returns the unlearned model, the trajectory summary, and how many images of each step's
+        batch were predicted as each class (steps x classes): where the predictions drift as the
+        clean function collapses, which exposes a backdoor's target (:mod:`rnp.detection.exposure`).
+        """
         cfg = self.config
         model = copy.deepcopy(original)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum,
                                     weight_decay=cfg.unlearn_weight_decay)
         generator = generator_for(cfg.seed, "rnp-unlearn")
-        trajectory, epochs, reached = [], [], False
+        trajectory, epochs, counts, reached = [], [], [], False
 
         def after_step(info: StepInfo) -> bool:
             trajectory.append({"step": len(trajectory) + 1, "epoch": epoch + 1,
                                "loss": info.loss, "accuracy": info.accuracy})
+            counts.append(torch.bincount(info.predictions, minlength=clean.num_classes))
             return cfg.stop_check == "step" and info.accuracy <= cfg.clean_threshold
 
         steps = math.ceil(len(clean) / cfg.batch_size)
@@ -192,7 +199,8 @@ class RNP(RemovalDefense):
         if not reached:
             summary["warning"] = (f"clean accuracy never fell to {cfg.clean_threshold} in "
                                   f"{cfg.unlearn_epochs} epochs; the last epoch's model is used")
-        return model, summary
+        classes = max(len(c) for c in counts)  # more outputs than the data's classes: keep all
+        return model, summary, torch.stack([F.pad(c, (0, classes - len(c))) for c in counts])
 
     def recover(self, unlearned: nn.Module, clean: ImageSet, device) -> tuple[ChannelScores, torch.Tensor]:
         """Stage 2: learn per-channel masks on a copy of the unlearned model, weights frozen.

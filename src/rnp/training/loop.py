@@ -22,12 +22,14 @@ from rnp.training.hooks import TrainingHook
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What one optimisation step saw: its loss and accuracy on the batch, before the update."""
+    """What one optimisation step saw: its loss and accuracy on the batch, before the update,
+    and the labels the model predicted for the batch."""
 
     step: int
     loss: float
     accuracy: float
     batch_size: int
+    predictions: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
         optimizer.step()
         if hook is not None:
             hook.after_update()
-        batch_correct = int((logits.detach().argmax(1) == labels).sum())
+        predictions = logits.detach().argmax(1)
+        batch_correct = int((predictions == labels).sum())
         loss_value = float(loss.detach())
         total_loss += loss_value * len(labels)
         correct += batch_correct
@@ -85,7 +88,7 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        info = StepInfo(steps, loss_value, batch_correct / len(labels), len(labels))
+        info = StepInfo(steps, loss_value, batch_correct / len(labels), len(labels), predictions.cpu())
         if after_step is not None and after_step(info):
             stopped = True
             break

@@ -1,0 +1,243 @@
+"""``rnp inspect`` and ``rnp scan-data``: what RNP's unlearned model reveals about a model and
+about its training data. Each calls the detection API, then writes JSON, Markdown and PNGs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from rnp.cli.options import config_overrides
+from rnp.data.clean_subset import select_clean_subset
+from rnp.data.images import ImageSet
+from rnp.data.sources import load_dataset
+from rnp.defenses import RNPConfig
+from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
+from rnp.detection.poisoned_samples import SAMPLE_DETECTORS, Strip, StripConfig
+from rnp.detection.trigger_recovery import recover_on_both, trigger_tiles, true_trigger_mask
+from rnp.detection.trigger_reverse import TriggerReverseConfig
+from rnp.errors import RnpError
+from rnp.io.checkpoint import save_checkpoint
+from rnp.io.figures import bar_chart, histograms, image_grid, line_chart, save_png, side_by_side
+from rnp.io.files import write_json, write_text
+from rnp.io.results import prepare_output_dir
+from rnp.io.runs import MODEL_FILE, RUN_FILE, load_run
+from rnp.metrics.detection import auroc, positives_mask, threshold_at_fpr, tpr_at_fpr
+
+UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlearn_weight_decay",
+                  "unlearn_milestones", "unlearn_gamma", "unlearn_epochs", "clean_threshold",
+                  "stop_check", "seed")
+"""The RNP settings that shape the exposure (the unlearning stage); ``rnp inspect`` and
+``rnp scan-data`` take these as options."""
+
+FLAG_FALSE_POSITIVE_RATE = 0.05
+"""Threshold of the flagged samples: at most this share of the defender's clean images score above it."""
+
+CALIBRATED_DETECTORS = ("unlearned", "loss", "strip")
+"""Detectors whose score on clean images is a fair reference for a threshold (STRIP's own
+rule); AC and SS score a sample against the rest of its class, which a clean set alone is not."""
+
+
+def inspect(args) -> int:
+    subject = _subject(args)
+    out = prepare_output_dir(args.out, inputs=subject.inputs)
+    exposure = _expose(args, subject)
+    label = detect_target_label(exposure, threshold=args.label_threshold)
+    verdict = detect_backdoored_model(exposure, threshold=args.variance_threshold)
+    report = {"exposure": {"unlearning_steps": exposure.unlearning["steps"],
+                           "final_clean_accuracy": exposure.unlearning["final_accuracy"],
+                           "seconds": exposure.seconds},
+              "label_detection": label.to_dict(), "model_detection": verdict.to_dict(),
+              "clean_set": subject.clean_record}
+    figure = side_by_side([
+        bar_chart(verdict.shares, subject.classes, title="Clean images predicted as each class, unlearned model",
+                  ylabel="share of clean images", highlight=label.target, reference=1 / len(subject.classes)),
+        line_chart(_drift_series(exposure, subject.classes), title="Predictions during unlearning",
+                   xlabel="unlearning step", ylabel="share of the batch",
+                   highlight=subject.classes[label.candidate])])
+    save_png(figure, out / "predictions.png")
+    if not args.no_trigger:
+        target = label.candidate if args.target is None else args.target
+        report["trigger_recovery"] = _recover(args, subject, exposure, target, out)
+    write_json(out / "report.json", report)
+    write_text(out / "summary.md", _inspect_summary(report, subject.classes))
+    print(_inspect_summary(report, subject.classes))
+    print(f"outputs: {out}")
+    return 0
+
+
+def scan_data(args) -> int:
+    subject = _subject(args)
+    out = prepare_output_dir(args.out, inputs=subject.inputs)
+    data, known = _scanned_data(args, subject)
+    chosen = torch.arange(len(data))
+    if args.samples and args.samples < len(data):
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.sample_seed))[:args.samples]
+        chosen = chosen.sort().values
+        data = data.subset(chosen)
+        known = None if known is None else known[chosen]
+    names = args.detectors or list(SAMPLE_DETECTORS)
+    unknown = sorted(set(names) - set(SAMPLE_DETECTORS))
+    if unknown:
+        raise RnpError(f"unknown detector {unknown[0]!r}; choose from {', '.join(SAMPLE_DETECTORS)}")
+    exposure = _expose(args, subject) if "unlearned" in names else None
+    report = {"scored": len(data), "poisoned_known": known is not None, "detectors": {},
+              "clean_set": subject.clean_record}
+    columns = {"index": chosen.tolist(), "label": data.labels.tolist()}
+    if known is not None:
+        columns["poisoned"] = known.int().tolist()
+        report["poisoned"] = int(known.sum())
+    panels = []
+    for name in names:
+        detector = Strip(StripConfig(overlays=args.strip_overlays)) if name == "strip" else SAMPLE_DETECTORS[name]()
+        extra = {"exposure": exposure} if name == "unlearned" else {}
+        start = time.perf_counter()
+        scores = detector.score(subject.model, data, subject.clean, **extra)
+        entry = {"seconds": time.perf_counter() - start}
+        if name in CALIBRATED_DETECTORS:
+            threshold = threshold_at_fpr(detector.score(subject.model, subject.clean, subject.clean, **extra),
+                                         FLAG_FALSE_POSITIVE_RATE)
+            entry.update(threshold=threshold, flagged=int((scores > threshold).sum()))
+        if known is not None and 0 < int(known.sum()) < len(known):
+            entry.update(auroc=auroc(scores, known), tpr_at_5_fpr=tpr_at_fpr(scores, known, 0.05))
+            groups = {"clean": scores[~known], "poisoned": scores[known]}
+        else:
+            groups = {"all samples": scores}
+        panels.append(histograms(groups, title=name, xlabel="score (higher = more suspicious)"))
+        report["detectors"][name] = entry
+        columns[name] = [f"{float(s):.6g}" for s in scores]
+    lines = [",".join(columns)] + [",".join(str(columns[c][i]) for c in columns) for i in range(len(data))]
+    write_text(out / "scores.csv", "\n".join(lines) + "\n")
+    for name, panel in zip(names, panels):
+        save_png(panel, out / f"scores_{name}.png")
+    write_json(out / "report.json", report)
+    write_text(out / "summary.md", _scan_summary(report))
+    print(_scan_summary(report))
+    print(f"outputs: {out}")
+    return 0
+
+
+@dataclasses.dataclass
+class _Subject:
+    model: torch.nn.Module
+    classes: list[str]
+    clean: ImageSet
+    clean_record: dict
+    test: ImageSet
+    run: object
+    inputs: list
+
+
+def _subject(args) -> _Subject:
+    """The model, its clean images and test split, from ``--run`` or ``--model`` + ``--data``."""
+    from rnp.cli.commands import outside_model
+    if bool(args.run) == bool(args.data):
+        raise RnpError("give either --run DIR, or --model FILE with --data SPEC")
+    if args.data and not args.model:
+        raise RnpError("--data needs --model FILE (the model to inspect)")
+    if args.run:
+        run = load_run(args.run, cache_dir=args.cache_dir, model_file=args.model)
+        model, data = run.model, run.data
+        pool, exclude = run.clean_pool()
+    else:
+        run = None
+        data = load_dataset(args.data, cache_dir=args.cache_dir)
+        model, _ = outside_model(args, data)
+        pool, exclude = data.train, None
+    clean, indices = select_clean_subset(pool, args.clean_size, seed=args.clean_seed, exclude=exclude)
+    inputs = [args.model, Path(args.run) / MODEL_FILE if args.run else None]
+    if args.out and (Path(args.out) / RUN_FILE).exists():
+        raise RnpError(f"{args.out} holds a training run; choose another --out")
+    return _Subject(model.eval(), list(data.train.classes), clean,
+                    {"size": len(clean), "seed": args.clean_seed}, data.test, run, inputs)
+
+
+def _expose(args, subject: "_Subject") -> Exposure:
+    """RNP's unlearning of the subject's model on its clean images, with the given settings."""
+    return expose(subject.model, subject.clean, RNPConfig(**config_overrides(args, RNPConfig)),
+                  progress=not args.quiet)
+
+
+def _drift_series(exposure: Exposure, classes: list[str]) -> dict[str, list[float]]:
+    counts = exposure.prediction_counts.double()
+    shares = counts / counts.sum(1, keepdim=True)
+    return {name: shares[:, i].tolist() for i, name in enumerate(classes)}
+
+
+def _recover(args, subject: _Subject, exposure: Exposure, target: int, out: Path) -> dict:
+    config = TriggerReverseConfig(**config_overrides(args, TriggerReverseConfig, prefix="trigger-"))
+    comparison = recover_on_both(exposure, target, config, seed=args.trigger_seed, progress=not args.quiet)
+    evaluation_images = subject.test.subset(torch.arange(0, len(subject.test), max(1, len(subject.test) // 1000)))
+    true_mask = None
+    if subject.run is not None and subject.run.attack is not None:
+        true_mask = true_trigger_mask(subject.run.attack, evaluation_images)
+    evaluation = comparison.evaluate(evaluation_images, true_mask)
+    recovered = image_grid(trigger_tiles(comparison), scale=4, columns=3,
+                           title=f"Triggers recovered for class {target}")
+    panels = [recovered] if true_mask is None else [
+        image_grid([("true trigger pixels", true_mask)], scale=4, title="Attack"), recovered]
+    save_png(side_by_side(panels), out / "triggers.png")
+    save_checkpoint(out / "triggers.safetensors",
+                    {f"{name}_{part}": getattr(trigger, part).contiguous()
+                     for name, trigger in comparison.triggers.items() for part in ("mask", "pattern")})
+    return evaluation.to_dict()
+
+
+def _inspect_summary(report: dict, classes: list[str]) -> str:
+    label, verdict = report["label_detection"], report["model_detection"]
+    named = (f"class {label['target']} ({classes[label['target']]})" if label["target"] is not None
+             else f"none stands out (top candidate {label['candidate']})")
+    lines = ["# rnp inspect", "",
+             f"- backdoored: **{'yes' if verdict['backdoored'] else 'no'}** (variance of class shares "
+             f"{verdict['score']:.4f}, threshold {verdict['threshold']})",
+             f"- target label: **{named}**, confidence {label['confidence']:.2f} (threshold {label['threshold']})",
+             f"- unlearning: {report['exposure']['unlearning_steps']} steps, "
+             f"{report['exposure']['seconds']:.1f} s"]
+    trigger = report.get("trigger_recovery")
+    if trigger:
+        rows = [["model", "mask L1", "IoU", "success on original", "steps", "seconds"]]
+        for name, row in trigger["models"].items():
+            rows.append([name, f"{row['norm']:.1f}", "-" if row["iou"] is None else f"{row['iou']:.2f}",
+                         f"{100 * row['success']:.1f}%", str(row["steps"]), f"{row['seconds']:.1f}"])
+        lines += ["", f"Trigger recovery for class {trigger['target']}:", "", _markdown(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _scan_summary(report: dict) -> str:
+    rows = [["detector", "AUROC", "TPR @ 5% FPR", "flagged", "seconds"]]
+    for name, entry in report["detectors"].items():
+        rows.append([name, f"{entry['auroc']:.3f}" if "auroc" in entry else "-",
+                     f"{entry['tpr_at_5_fpr']:.3f}" if "tpr_at_5_fpr" in entry else "-",
+                     str(entry.get("flagged", "-")), f"{entry['seconds']:.1f}"])
+    known = (f", {report['poisoned']} known poisoned" if report["poisoned_known"] else
+             "; no poisoned indices known, so no AUROC")
+    return f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{_markdown(rows)}\n"
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+                     + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def _scanned_data(args, subject: _Subject) -> tuple[ImageSet, torch.Tensor | None]:
+    """The training set to scan and which of its samples are poisoned, when known."""
+    run = subject.run
+    if run is not None:
+        if run.attack is None:
+            return run.data.train, torch.zeros(len(run.data.train), dtype=torch.bool)
+        poisoned = run.attack.poison(run.data.train)
+        if not torch.equal(poisoned.poisoned_indices.sort().values, run.poisoned_indices.sort().values):
+            raise RnpError(f"{run.path}: rebuilding the poisoned training set gave other indices "
+                           "than the run recorded")
+        return poisoned.data, positives_mask(poisoned.poisoned_indices, len(poisoned.data))
+    data = load_dataset(args.data, cache_dir=args.cache_dir).train
+    if not args.poisoned_indices:
+        return data, None
+    try:
+        indices = [int(line) for line in Path(args.poisoned_indices).read_text().split()]
+    except ValueError:
+        raise RnpError(f"{args.poisoned_indices}: expected one integer per line") from None
+    return data, positives_mask(indices, len(data))
+

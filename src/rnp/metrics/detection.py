@@ -1,0 +1,102 @@
+"""Detection metrics for per-sample suspicion scores: AUROC and the TPR at a fixed FPR.
+
+Convention everywhere: a higher score means more suspicious (more likely poisoned), and
+``positives`` is a boolean mask marking the truly poisoned samples.
+
+- :func:`auroc` is the Mann-Whitney U statistic divided by ``n_pos * n_neg``: the probability
+  that a random positive scores above a random negative, a tie counting one half. It equals
+  the area under the ROC curve with ties drawn as diagonal segments.
+- :func:`threshold_at_fpr` is the smallest score ``t`` such that the fraction of negatives
+  scoring strictly ABOVE ``t`` is at most ``fpr``; :func:`tpr_at_fpr` is the fraction of
+  positives scoring strictly above that threshold. Samples equal to the threshold count as not
+  flagged, so ties never let the false-positive rate exceed ``fpr``; with ``fpr = 0`` the
+  threshold is the highest negative score, and with ``fpr = 1`` it is ``-inf`` (everything is
+  flagged).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rnp.errors import RnpError
+
+# floor(fpr * n) must not drop to k - 1 when fpr * n is k up to rounding (0.29 * 100 = 28.999...).
+_FLOOR_SLACK = 1e-9
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positives`` mask (ties count half)."""
+    scores, positives = _check(scores, positives)
+    ranks = _average_ranks(scores)
+    n_pos = int(positives.sum())
+    n_neg = len(scores) - n_pos
+    u = float(ranks[positives].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def threshold_at_fpr(negative_scores, fpr: float) -> float:
+    """The smallest score at which at most ``fpr`` of ``negative_scores`` lie strictly above."""
+    negative_scores = _as_scores(negative_scores)
+    if len(negative_scores) == 0:
+        raise RnpError("threshold_at_fpr needs at least one negative score")
+    _check_fpr(fpr)
+    allowed = math.floor(fpr * len(negative_scores) + _FLOOR_SLACK)
+    if allowed >= len(negative_scores):
+        return -math.inf
+    return float(negative_scores.sort(descending=True).values[allowed])
+
+
+def tpr_at_fpr(scores, positives, fpr: float = 0.05) -> float:
+    """Fraction of positives scoring strictly above :func:`threshold_at_fpr` of the negatives."""
+    scores, positives = _check(scores, positives)
+    threshold = threshold_at_fpr(scores[~positives], fpr)
+    return float((scores[positives] > threshold).double().mean())
+
+
+def positives_mask(indices, length: int) -> torch.Tensor:
+    """A boolean mask of ``length`` that is True at ``indices`` (e.g. the poisoned indices)."""
+    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= length):
+        raise RnpError(f"indices must lie in [0, {length - 1}]")
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[indices] = True
+    return mask
+
+
+def _average_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """1-based ranks in ascending order, tied scores sharing the mean of their ranks."""
+    order = scores.argsort(stable=True)
+    _, inverse, counts = torch.unique(scores[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last member of each group of ties
+    mean_rank = last - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = mean_rank[inverse]
+    return ranks
+
+
+def _check(scores, positives) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = _as_scores(scores)
+    positives = torch.as_tensor(positives)
+    if positives.dtype != torch.bool:
+        raise RnpError(f"positives must be a boolean mask, got dtype {positives.dtype}")
+    positives = positives.reshape(-1).cpu()
+    if len(positives) != len(scores):
+        raise RnpError(f"{len(scores)} scores but {len(positives)} positive flags")
+    n_pos = int(positives.sum())
+    if n_pos == 0 or n_pos == len(scores):
+        raise RnpError("detection metrics need at least one positive and one negative sample")
+    return scores, positives
+
+
+def _as_scores(scores) -> torch.Tensor:
+    scores = torch.as_tensor(scores).detach().reshape(-1).cpu().double()
+    if bool(torch.isnan(scores).any()):
+        raise RnpError("scores contain NaN")
+    return scores
+
+
+def _check_fpr(fpr: float) -> None:
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 <= fpr <= 1:
+        raise RnpError(f"fpr must be a number in [0, 1], got {fpr!r}")

@@ -1,0 +1,96 @@
+"""``rnp inspect`` and ``rnp scan-data`` end to end on a tiny run folder and on an outside model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from rnp.cli.main import main
+from rnp.io.checkpoint import load_checkpoint
+from test_cli import TINY, _environment, run_cli, write_dataset  # noqa: F401 (autouse fixture)
+
+FAST = ["--clean-size", "20", "--batch-size", "16", "--unlearn-epochs", "2", "--quiet"]
+TRIGGER_FAST = ["--trigger-steps", "3", "--trigger-samples-per-step", "16", "--trigger-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), classes=3, n_train=60)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "badnets"
+    code = main(["train", "--data", str(data), *TINY, "--attack", "badnets", "--poison-rate", "0.2",
+                 "--trigger", "size=4", "--trigger", "patch=white", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_inspect_writes_reports_and_figures(capsys, run, tmp_path):
+    out = tmp_path / "inspect"
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", out, *FAST, *TRIGGER_FAST)
+    assert code == 0 and "target label" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"exposure", "label_detection", "model_detection", "trigger_recovery"}
+    assert len(report["label_detection"]["shares"]) == 3
+    trigger = report["trigger_recovery"]
+    assert trigger["target"] == report["label_detection"]["candidate"]
+    assert set(trigger["models"]) == {"unlearned", "original"} and trigger["patch_trigger"] is True
+    for name in ("predictions.png", "triggers.png"):
+        assert Image.open(out / name).size[0] > 200
+    tensors, _ = load_checkpoint(out / "triggers.safetensors")
+    assert tensors["original_mask"].shape == (16, 16) and tensors["unlearned_pattern"].shape == (3, 16, 16)
+    assert (out / "summary.md").read_text().startswith("# rnp inspect")
+
+
+def test_inspect_options_reach_the_api(capsys, run, tmp_path):
+    out = tmp_path / "inspect"
+    code, _, _ = run_cli(capsys, "inspect", "--run", run, "--out", out, *FAST, "--no-trigger",
+                         "--label-threshold", "1000", "--variance-threshold", "0")
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and "trigger_recovery" not in report
+    assert report["label_detection"]["target"] is None and report["label_detection"]["threshold"] == 1000
+    assert report["model_detection"]["threshold"] == 0
+    assert report["exposure"]["unlearning_steps"] <= 2 * 3  # --unlearn-epochs 2, 20 images in batches of 16
+
+
+def test_scan_data_scores_every_sample_with_known_poison(capsys, run, tmp_path):
+    out = tmp_path / "scan"
+    code, stdout, _ = run_cli(capsys, "scan-data", "--run", run, "--out", out, *FAST,
+                              "--strip-overlays", "2", "--detectors", "unlearned", "loss", "strip", "ss")
+    assert code == 0 and "AUROC" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["scored"] == 60 and report["poisoned"] == 12
+    assert set(report["detectors"]) == {"unlearned", "loss", "strip", "ss"}
+    assert "flagged" in report["detectors"]["loss"] and "flagged" not in report["detectors"]["ss"]
+    assert all(0 <= entry["auroc"] <= 1 for entry in report["detectors"].values())
+    with (out / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    poisoned = {int(line) for line in (run / "poisoned_indices.txt").read_text().split()}
+    assert len(rows) == 60 and {int(r["index"]) for r in rows if r["poisoned"] == "1"} == poisoned
+    assert (out / "scores_unlearned.png").exists()
+
+
+def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path):
+    out = tmp_path / "scan"
+    indices = tmp_path / "poisoned.txt"
+    indices.write_text("0\n3\n6\n")
+    code, stdout, _ = run_cli(capsys, "scan-data", "--model", run / "model.safetensors", "--data", data,
+                              "--poisoned-indices", indices, "--samples", "30", "--detectors", "loss",
+                              "--out", out, *FAST)
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["scored"] == 30 and report["poisoned_known"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--detectors", "nope"], "invalid choice"),
+    (["--data", "x"], "--model FILE"),
+])
+def test_scan_data_bad_input_is_one_line(capsys, run, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, "scan-data", "--run", run, "--out", tmp_path / "o", *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
