@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 from pathlib import Path
 
@@ -94,3 +95,12 @@ def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path)
 def test_scan_data_bad_input_is_one_line(capsys, run, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "scan-data", "--run", run, "--out", tmp_path / "o", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_scan_data_refuses_a_run_whose_poisoned_indices_do_not_match(capsys, run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "poisoned_indices.txt").write_text("1\n2\n")
+    code, _, err = run_cli(capsys, "scan-data", "--run", copy, "--out", tmp_path / "o", *FAST,
+                           "--detectors", "loss")
+    assert code == 2 and "other indices than the run recorded" in err

@@ -225,12 +225,7 @@ def _scanned_data(args, subject: _Subject) -> tuple[ImageSet, torch.Tensor | Non
     """The training set to scan and which of its samples are poisoned, when known."""
     run = subject.run
     if run is not None:
-        if run.attack is None:
-            return run.data.train, torch.zeros(len(run.data.train), dtype=torch.bool)
-        poisoned = run.attack.poison(run.data.train)
-        if not torch.equal(poisoned.poisoned_indices.sort().values, run.poisoned_indices.sort().values):
-            raise RnpError(f"{run.path}: rebuilding the poisoned training set gave other indices "
-                           "than the run recorded")
+        poisoned = run.poisoned_train(cache_dir=args.cache_dir)
         return poisoned.data, positives_mask(poisoned.poisoned_indices, len(poisoned.data))
     data = load_dataset(args.data, cache_dir=args.cache_dir).train
     if not args.poisoned_indices:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rnp.attacks import Attack, TriggeredSet, attack_from_spec
+from rnp.attacks.base import PoisonedSet
 from rnp.data.images import ImageSet
 from rnp.data.sources import DatasetSplits, load_dataset
 from rnp.errors import RnpError
@@ -59,6 +60,24 @@ class Run:
 
     def triggered_test(self) -> TriggeredSet | None:
         return self.attack.triggered_test(self.data.test) if self.attack is not None else None
+
+    def poisoned_train(self, *, cache_dir=None) -> PoisonedSet:
+        """The training set as the model saw it: rebuilt from the attack spec (an attack fitted
+        on a clean model is prepared again from the recorded reference run), checked against
+        the recorded poisoned indices. A clean run gives its training set, nothing poisoned."""
+        if self.attack is None:
+            return PoisonedSet(self.data.train, torch.empty(0, dtype=torch.long))
+        if self.attack.needs_reference_model and not self.attack.artifacts():  # not stored: refit
+            reference = self.info.get("reference_run")
+            if not reference:
+                raise RnpError(f"{self.path}: the {self.attack.name} attack was fitted on a reference "
+                               "model the run does not record")
+            self.attack.prepare(self.data.train, load_run(reference["path"], cache_dir=cache_dir).model.eval())
+        poisoned = self.attack.poison(self.data.train)
+        if not torch.equal(poisoned.poisoned_indices.sort().values, self.poisoned_indices.sort().values):
+            raise RnpError(f"{self.path}: rebuilding the poisoned training set gave other indices "
+                           "than the run recorded")
+        return poisoned
 
 
 def write_run_files(path: Path, info: dict, attack: Attack | None, poisoned_indices,
