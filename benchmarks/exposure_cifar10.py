@@ -258,6 +258,7 @@ def samples_table(attacked: list[dict]) -> str:
     lines = ["| subject | poisoned / scored | " + " | ".join(f"{n} AUROC / TPR@5%" for n in names) + " |",
              "|" + "---|" * (len(names) + 2)]
     seconds = {n: [] for n in names}
+    aurocs = {n: [] for n in names}
     for c in attacked:
         samples = c["samples"]
         det = samples["detectors"]
@@ -267,8 +268,11 @@ def samples_table(attacked: list[dict]) -> str:
             continue
         for n in names:
             seconds[n].append(det[n]["seconds"])
+            aurocs[n].append(det[n]["auroc"])
         lines.append(f"| {c['subject']} | {samples['poisoned']} / {samples['scored']} | " + " | ".join(
             f"{det[n]['auroc']:.3f} / {det[n]['tpr_at_5_fpr']:.2f}" for n in names) + " |")
+    lines.append("| mean AUROC | | " + " | ".join(
+        f"{sum(v) / len(v):.3f}" if v else "-" for v in aurocs.values()) + " |")
     lines.append("| mean seconds | | " + " | ".join(
         f"{sum(v) / len(v):.0f}" if v else "-" for v in seconds.values()) + " |")
     return "\n".join(lines)
