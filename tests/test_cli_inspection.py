@@ -57,6 +57,10 @@ def test_inspect_options_reach_the_api(capsys, run, tmp_path):
     assert code == 0 and "trigger_recovery" not in report
     assert report["label_detection"]["target"] is None and report["label_detection"]["threshold"] == 1000
     assert report["model_detection"]["threshold"] == 0
+
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "again", *FAST,
+                              "--no-trigger", "--label-threshold", "0", "--variance-threshold", "1")
+    assert code == 0 and "does not look backdoored" in stdout
     assert report["exposure"]["unlearning_steps"] <= 2 * 3  # --unlearn-epochs 2, 20 images in batches of 16
 
 

@@ -189,6 +189,8 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
     label, verdict = report["label_detection"], report["model_detection"]
     named = (f"class {label['target']} ({classes[label['target']]})" if label["target"] is not None
              else f"none stands out (top candidate {label['candidate']})")
+    if label["target"] is not None and not verdict["backdoored"]:
+        named += " (but the model does not look backdoored: on clean models the label alone often fires)"
     lines = ["# rnp inspect", "",
              f"- backdoored: **{'yes' if verdict['backdoored'] else 'no'}** (variance of class shares "
              f"{verdict['score']:.4f}, threshold {verdict['threshold']})",
