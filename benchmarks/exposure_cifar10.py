@@ -17,7 +17,7 @@ same 500 clean training images (seed 0) for every task:
 5. *Poisoned-sample detection* on a seeded random subset of the poisoned training set
    (``--samples``): AUROC and TPR at 5% FPR of the unlearned model's margin against the original
    model's loss, Activation Clustering, Spectral Signatures and STRIP (``--strip-overlays``).
-6. *Cleansing* (``--cleanse ATTACK ...``): the training samples the unlearned model flags
+6. *Cleansing* (``--cleanse SUBJECT ...``): the training samples the unlearned model flags
    (threshold: 5% false positives on the defender's clean images) are dropped and the model
    retrained with the subject's recipe; CA / ASR next to the subject's.
 
@@ -25,8 +25,11 @@ Each subject is one JSON file in ``--out``, written when it finishes; a finished
 never recomputed, so an interrupted run resumes. ``--table-only`` prints the tables.
 
     python benchmarks/exposure_cifar10.py --threads 1 --subjects clean:0 clean:1 badnets blend
-    python benchmarks/exposure_cifar10.py --threads 1 --cleanse badnets blend trojan
+    python benchmarks/exposure_cifar10.py --threads 1 --subjects --cleanse badnets blend wanet
     python benchmarks/exposure_cifar10.py --table-only --markdown exposure.md
+
+The tables end with Fine-Pruning against ``fp_rnp`` (FP ranked by RNP's masks), read from the
+cells of ``defenses_cifar10.py --defenses fp fp_rnp`` (``--defense-results``).
 """
 
 from __future__ import annotations

@@ -121,6 +121,9 @@ def scan_data(args) -> int:
 
 @dataclasses.dataclass
 class _Subject:
+    """What both commands work on: the model, its classes, the defender's clean images (and how
+    they were drawn), the test split, the run folder if any, and the input files not to overwrite."""
+
     model: torch.nn.Module
     classes: list[str]
     clean: ImageSet
