@@ -127,11 +127,17 @@ def load_subject(args, subject: str):
     return load_run(run_dir, cache_dir=Path(args.cache) / "data"), log
 
 
-def measure(args, subject: str) -> dict:
+def exposed_subject(args, subject: str):
+    """The subject's run, its log function, the defender's 500 clean images (seed 0) and the
+    exposure RNP's unlearning makes from them."""
     run, log = load_subject(args, subject)
     pool, exclude = run.clean_pool()
     clean, _ = select_clean_subset(pool, args.clean_size, seed=0, exclude=exclude)
-    exposure = expose(run.model, clean)
+    return run, log, clean, expose(run.model, clean)
+
+
+def measure(args, subject: str) -> dict:
+    run, log, clean, exposure = exposed_subject(args, subject)
     label, model_score = detect_target_label(exposure), detect_backdoored_model(exposure)
     attack = run.attack
     cell = {"subject": subject, "backdoored": attack is not None,
@@ -180,10 +186,7 @@ def detect_samples(args, run, exposure, clean) -> dict:
 
 def cleanse(args, subject: str) -> dict:
     """Drops the training samples the unlearned model flags and retrains with the subject's recipe."""
-    run, log = load_subject(args, subject)
-    pool, exclude = run.clean_pool()
-    clean, _ = select_clean_subset(pool, args.clean_size, seed=0, exclude=exclude)
-    exposure = expose(run.model, clean)
+    run, log, clean, exposure = exposed_subject(args, subject)
     poisoned = run.poisoned_train(cache_dir=Path(args.cache) / "data")
     scorer = UnlearnedMargin()
     start = time.perf_counter()

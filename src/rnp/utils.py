@@ -43,3 +43,9 @@ def derive_seed(seed: int, purpose: str) -> int:
 def generator_for(seed: int, purpose: str) -> torch.Generator:
     """A CPU generator seeded by :func:`derive_seed`."""
     return torch.Generator().manual_seed(derive_seed(seed, purpose))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

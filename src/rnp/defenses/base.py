@@ -19,6 +19,7 @@ from torch import nn
 
 from rnp.data.images import ImageSet, as_image_set
 from rnp.errors import RnpError
+from rnp.utils import model_device
 
 MIN_CLEAN_IMAGES = 10
 
@@ -104,8 +105,7 @@ def prepare_inputs(model: nn.Module, clean_data) -> tuple[nn.Module, ImageSet, t
     if len(clean) < MIN_CLEAN_IMAGES:
         raise RnpError(f"the clean set has {len(clean)} images; at least {MIN_CLEAN_IMAGES} "
                        "are needed (RNP's default is 500)")
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = model_device(model)
     working = copy.deepcopy(model)
     with torch.no_grad():
         was_training = working.training

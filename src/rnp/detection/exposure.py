@@ -32,6 +32,7 @@ from rnp.defenses.rnp import RNP, RNPConfig, RNPResult
 from rnp.detection.trigger_reverse import MAD_CONSISTENCY
 from rnp.errors import RnpError
 from rnp.training.evaluate import predict
+from rnp.utils import model_device
 
 EBYD_VARIANCE_THRESHOLD = 0.01
 """Variance of the class shares above which EBYD's ``detections/Unlearning.py`` calls a model
@@ -79,7 +80,7 @@ class Exposure:
 
     def final_shares(self) -> torch.Tensor:
         """Each class's share of the unlearned model's predictions on the clean images."""
-        predictions = predict(self.unlearned, self.clean, device=_device(self.unlearned))
+        predictions = predict(self.unlearned, self.clean, device=model_device(self.unlearned))
         counts = torch.bincount(predictions, minlength=self.prediction_counts.shape[1])
         return counts.float() / len(predictions)
 
@@ -172,8 +173,3 @@ def calibrate_threshold(clean_model_scores, false_positive_rate: float = 0.05) -
         raise RnpError("no clean-model scores to calibrate the threshold on")
     allowed = int(false_positive_rate * len(scores))
     return float(scores[len(scores) - 1 - allowed])
-
-
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

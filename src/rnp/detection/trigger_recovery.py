@@ -54,7 +54,7 @@ from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfi
                                            reverse_engineer_trigger)
 from rnp.errors import RnpError
 from rnp.training.evaluate import predict
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import generator_for, model_device, progress_bar
 
 MODELS = ("unlearned", "original")
 """The two models compared, in the order they are searched and reported."""
@@ -143,7 +143,7 @@ def trigger_success(model: nn.Module, data: ImageSet, mask: torch.Tensor, patter
     stamped = torch.cat([to_uint8(apply_trigger(source[i:i + STAMP_CHUNK].float() / 255, mask, pattern))
                          for i in range(0, len(source), STAMP_CHUNK)])
     labels = torch.full((len(stamped),), target, dtype=torch.long)
-    predictions = predict(model, ImageSet(stamped, labels, data.classes), device=_device(model))
+    predictions = predict(model, ImageSet(stamped, labels, data.classes), device=model_device(model))
     return float((predictions == target).float().mean())
 
 
@@ -218,7 +218,7 @@ def recover_on_both(exposure: Exposure, target: int, config: TriggerReverseConfi
     ``device`` defaults to the original model's. Neither model is changed.
     """
     config = config or TriggerReverseConfig()
-    device = device if device is not None else _device(exposure.original)
+    device = device if device is not None else model_device(exposure.original)
     models = {"unlearned": exposure.unlearned, "original": exposure.original}
     triggers, seconds = {}, {}
     total = len(MODELS) * config.steps * config.batches_per_step
@@ -268,8 +268,3 @@ def _check_trigger(data: ImageSet, mask: torch.Tensor, pattern: torch.Tensor) ->
     if tuple(mask.shape) != (height, width) or tuple(pattern.shape) != (channels, height, width):
         raise RnpError(f"mask {tuple(mask.shape)} and pattern {tuple(pattern.shape)} do not fit "
                        f"images of shape {(channels, height, width)}")
-
-
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
