@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from rnp.attacks import ATTACKS
+from rnp.bench.cells import report_summary
 from rnp.bench.subjects import cached_subject
 from rnp.bench.suite import suite_attack
 from rnp.data import select_clean_subset
@@ -132,7 +133,7 @@ def run_attack(args, name: str, rate: str | None, out: Path) -> None:
         cell = {"subject": subject, "attack": name, "arch": args.arch, "defense": defense_name,
                 "settings": settings, "clean_indices_sha": _digest(indices),
                 "before": before.to_dict(), "after": after.to_dict(), "der": der(before, after),
-                "seconds": seconds, "stages": result.timings, "summary": _summary(result.report)}
+                "seconds": seconds, "stages": result.timings, "summary": report_summary(result.report)}
         write_json(cell_path(out, subject, defense_name), cell)
         log(f"{defense_name}: CA {after.clean_accuracy:.4f} ASR {after.attack_success_rate:.4f} "
             f"RA {after.robust_accuracy:.4f} {seconds:.1f}s")
@@ -147,17 +148,6 @@ def cell_path(out: Path, subject: str, defense: str) -> Path:
 
 def _digest(indices: torch.Tensor) -> str:
     return hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:12]
-
-
-def _summary(report: dict) -> dict:
-    """The few report fields worth keeping in a cell: what was pruned or flagged."""
-    keep = {}
-    if "pruning" in report:
-        keep["pruned"] = report["pruning"].get("pruned")
-    for key in ("flagged", "flagged_classes"):
-        if key in report:
-            keep["flagged"] = report[key]
-    return keep
 
 
 def tables(cells: list[dict]) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from rnp.attacks import BadNets
@@ -116,3 +119,16 @@ def make_synthetic_clean_model() -> nn.Module:
         return model.eval()
     finally:
         torch.set_num_threads(threads)
+
+
+def write_dataset(root: Path, classes: int, n_train: int = 40, n_test: int = 20) -> Path:
+    """An image-folder tree ``train/<class>/*.png``, ``test/<class>/*.png`` of 16x16 images."""
+    rng = np.random.default_rng(classes)
+    for split, count in (("train", n_train), ("test", n_test)):
+        for index in range(count):
+            label = index % classes
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 64, (16, 16, 3)) + 60 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index:03d}.png")
+    return root

@@ -32,6 +32,8 @@ from rnp.io.runs import load_run
 from rnp.models import build_model
 from rnp.training import TrainConfig
 
+from helpers import write_dataset
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 N_TRAIN, N_TEST = 40, 20
 TINY = ["--width", "4", "--epochs", "1", "--batch-size", "16"]
@@ -53,27 +55,14 @@ def _environment(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def write_dataset(root: Path, classes: int, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
-    """An image-folder tree ``train/<class>/*.png``, ``test/<class>/*.png`` of 16x16 images."""
-    rng = np.random.default_rng(classes)
-    for split, count in (("train", n_train), ("test", n_test)):
-        for index in range(count):
-            label = index % classes
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 64, (16, 16, 3)) + 60 * label
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def data3(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data3"), classes=3)
+    return write_dataset(tmp_path_factory.mktemp("data3"), classes=3, n_train=N_TRAIN, n_test=N_TEST)
 
 
 @pytest.fixture(scope="module")
 def data4(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data4"), classes=4)
+    return write_dataset(tmp_path_factory.mktemp("data4"), classes=4, n_train=N_TRAIN, n_test=N_TEST)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -538,14 +527,14 @@ def test_help_exits_zero(capsys, argv):
 
 
 def test_subcommands_are_the_documented_ones():
-    assert set(_subcommands()) == {"demo", "train", "evaluate", "defend", "inspect", "scan-data"}
+    assert set(_subcommands()) == {"demo", "train", "evaluate", "defend", "inspect", "scan-data", "bench"}
 
 
 # -- one option per config field ---------------------------------------------------------------
 
 
 _STRING_VALUES = {"stop_check": "epoch", "tie_break": "index", "prune_rule": "number",
-                  "schedule": "multistep", "mask_layers": "conv"}
+                  "schedule": "multistep", "mask_layers": "conv", "amp": "off"}
 
 
 def _non_default_argv(config_cls) -> tuple[list[str], dict]:

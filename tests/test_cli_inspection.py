@@ -12,7 +12,8 @@ from PIL import Image
 
 from rnp.cli.main import main
 from rnp.io.checkpoint import load_checkpoint
-from test_cli import TINY, _environment, run_cli, write_dataset  # noqa: F401 (autouse fixture)
+from helpers import write_dataset
+from test_cli import TINY, _environment, run_cli  # noqa: F401 (autouse fixture)
 
 FAST = ["--clean-size", "20", "--batch-size", "16", "--unlearn-epochs", "2", "--quiet"]
 TRIGGER_FAST = ["--trigger-steps", "3", "--trigger-samples-per-step", "16", "--trigger-batch-size", "8"]

@@ -21,13 +21,13 @@ from rnp.io.runs import (ATTACK_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE,
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig, train
-from rnp.utils import derive_seed
+from rnp.utils import derive_seed, resolve_device
 
 
 def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int = 16,
               attack: Attack | None = None, config: TrainConfig | None = None,
               holdout: int = 0, reference_run=None, cache_dir=None, progress: bool = True,
-              log=print) -> Path:
+              log=print, device="cpu") -> Path:
     """Trains a model on ``data_spec`` poisoned by ``attack`` and writes a run folder at ``out``.
 
     An interrupted run resumes from its per-epoch checkpoint when called again with the same
@@ -35,8 +35,11 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     never overwritten. ``holdout`` clean training images are kept out of training and recorded,
     so a defender can later draw clean images the model has never seen. ``reference_run`` is a
     clean run folder (same data) whose model attacks with ``needs_reference_model`` are fitted
-    on; its model file's sha256 is recorded.
+    on; its model file's sha256 is recorded. ``device`` (a device, or a name for
+    :func:`rnp.utils.resolve_device`) is where it trains and is evaluated; it is recorded in
+    ``metrics.json`` and is no part of the run's identity.
     """
+    device = resolve_device(device)
     out = Path(out)
     config = config or TrainConfig()
     data = load_dataset(data_spec, cache_dir=cache_dir)
@@ -92,7 +95,7 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
         log(f"epoch {epoch + 1}/{config.epochs}: loss {stats.loss:.4f}, train accuracy {stats.accuracy:.4f}")
 
     history = train(model, train_set, config, checkpoint=out / CHECKPOINT_FILE, progress=progress,
-                    on_epoch=on_epoch, hook=hook)
+                    on_epoch=on_epoch, hook=hook, device=device)
     seconds = time.perf_counter() - start
     if hook is not None and attack.artifacts():  # what the attack learned while training
         save_checkpoint(out / ATTACK_FILE, attack.artifacts())
@@ -101,7 +104,8 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     save_model(out / MODEL_FILE, model, spec)
     write_json(out / METRICS_FILE, {**metrics, "train_seconds_this_session": seconds,
                                     "attack_prepare_seconds": prepare_seconds,
-                                    "train_loss": history[-1].loss, "train_accuracy": history[-1].accuracy})
+                                    "train_loss": history[-1].loss, "train_accuracy": history[-1].accuracy,
+                                    "device": str(device)})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return out
 

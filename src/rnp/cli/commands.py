@@ -29,6 +29,7 @@ from rnp.io.runs import (ATTACK_FILE, INDICES_FILE, METRICS_FILE, MODEL_FILE, RU
 from rnp.metrics import accuracy, der, evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig, predict
+from rnp.utils import model_device, resolve_device
 
 
 def _log(message: str) -> None:
@@ -40,7 +41,8 @@ def train(args) -> int:
     config = TrainConfig(**config_overrides(args, TrainConfig))
     out = train_run(args.out, args.data, arch=args.model, width=args.width, attack=attack,
                     config=config, holdout=args.holdout, reference_run=args.reference_run,
-                    cache_dir=args.cache_dir, progress=not args.quiet, log=_log)
+                    cache_dir=args.cache_dir, progress=not args.quiet, log=_log,
+                    device=resolve_device(args.device))
     metrics = json.loads((out / METRICS_FILE).read_text())
     print(metrics_table({"model": metrics}))
     print(f"run folder: {out}")
@@ -48,6 +50,7 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
+    device = resolve_device(args.device)
     run_dir = Path(args.run)
     model_file = Path(args.model) if args.model else run_dir / MODEL_FILE
     out = Path(args.out) if args.out else model_file.parent / METRICS_FILE
@@ -55,7 +58,7 @@ def evaluate(args) -> int:
     if out.resolve() in {path.resolve() for path in inputs}:
         raise RnpError(f"{out} is an input; choose another --out")
     run = load_run(run_dir, cache_dir=args.cache_dir, model_file=args.model)
-    metrics = evaluate_backdoor(run.model, run.data.test, run.triggered_test()).to_dict()
+    metrics = evaluate_backdoor(run.model.to(device), run.data.test, run.triggered_test()).to_dict()
     if not args.out and out.is_file():  # keep what `rnp train` recorded beside the metrics
         try:
             previous = read_json(out)
@@ -80,6 +83,7 @@ def defend(args) -> int:
         raise RnpError("give either --run DIR, or --model FILE with --data SPEC")
     if args.data and not args.model:
         raise RnpError("--data needs --model FILE (the model to purify)")
+    device = resolve_device(args.device)
     run_model = Path(args.run) / MODEL_FILE if args.run else None
     out = prepare_output_dir(args.out, inputs=[args.model, run_model])
     if (out / RUN_FILE).exists():
@@ -98,12 +102,13 @@ def defend(args) -> int:
         clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
                                        stratified=args.stratified)
         triggered = None
-    result = defense.fit(model, clean)
+    result = defense.fit(model.to(device), clean)
     sweep = _rnp_sweep(args, result, clean, data, triggered) if isinstance(defense, RNP) else None
     before = evaluate_backdoor(model, data.test, triggered)
     after = evaluate_backdoor(result.model, data.test, triggered)
     report = {**result.report,
               "clean_set": {"size": len(clean), "seed": args.clean_seed, "stratified": args.stratified},
+              "device": str(device),
               "metrics": {"before": before.to_dict(), "after": after.to_dict(),
                           "der": der(before, after) if triggered is not None else None}}
     if isinstance(defense, RNP):
@@ -130,7 +135,8 @@ def _rnp_sweep(args, result, clean, data, triggered) -> list[dict]:
     """RNP's defender-side view of every mask threshold, plus the labelled oracle columns when
     asked for."""
     def clean_set_accuracy(pruned):
-        return {"clean_set_accuracy": accuracy(predict(pruned, clean), clean.labels)}
+        return {"clean_set_accuracy": accuracy(predict(pruned, clean, device=model_device(pruned)),
+                                               clean.labels)}
 
     def oracle(pruned):
         return {f"oracle_{k}": v for k, v in evaluate_backdoor(pruned, data.test, triggered).to_dict().items()}
@@ -161,7 +167,9 @@ def demo(args) -> int:
     data_spec = args.data or str(DEMO_DATASET_PATH)
     epochs = args.epochs if args.epochs is not None else (15 if args.data is None else 30)
     attack = build_attack(args.attack, target=0, poison_rate=0.1)
-    header = f"training a backdoored preact_resnet18 (width {args.width}) on {data_spec} for {epochs} epochs"
+    device = resolve_device(args.device)
+    header = (f"training a backdoored preact_resnet18 (width {args.width}) on {data_spec} for {epochs} "
+              f"epochs on {device}")
 
     def log(message: str) -> None:  # the header waits for training to start, so an error stays one line
         nonlocal header
@@ -172,15 +180,16 @@ def demo(args) -> int:
 
     out = train_run(args.out, data_spec, width=args.width, attack=attack,
                     config=TrainConfig(epochs=epochs, seed=args.seed, augment=args.data is not None),
-                    holdout=args.clean_size, cache_dir=args.cache_dir, progress=not args.quiet, log=log)
-    defend_args = _demo_defend_args(args, out)
+                    holdout=args.clean_size, cache_dir=args.cache_dir, progress=not args.quiet, log=log,
+                    device=device)
+    defend_args = _demo_defend_args(args, out, device)
     return defend(defend_args)
 
 
-def _demo_defend_args(args, run_dir: Path):
+def _demo_defend_args(args, run_dir: Path, device: torch.device):
     from rnp.cli.main import build_parser
     argv = ["defend", "--run", str(run_dir), "--out", str(run_dir / "rnp"), "--seed", str(args.seed),
-            "--clean-size", str(args.clean_size)]
+            "--clean-size", str(args.clean_size), "--device", str(device)]
     if args.cache_dir:
         argv += ["--cache-dir", args.cache_dir]
     if args.quiet:

@@ -25,6 +25,7 @@ from rnp.io.files import write_json, write_text
 from rnp.io.results import prepare_output_dir
 from rnp.io.runs import MODEL_FILE, RUN_FILE, load_run
 from rnp.metrics.detection import auroc, positives_mask, threshold_at_fpr, tpr_at_fpr
+from rnp.utils import resolve_device
 
 UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlearn_weight_decay",
                   "unlearn_milestones", "unlearn_gamma", "unlearn_epochs", "clean_threshold",
@@ -94,10 +95,11 @@ def scan_data(args) -> int:
         detector = Strip(StripConfig(overlays=args.strip_overlays)) if name == "strip" else SAMPLE_DETECTORS[name]()
         extra = {"exposure": exposure} if name == "unlearned" else {}
         start = time.perf_counter()
-        scores = detector.score(subject.model, data, subject.clean, **extra)
+        scores = detector.score(subject.model, data, subject.clean, device=subject.device, **extra)
         entry = {"seconds": time.perf_counter() - start}
         if name in CALIBRATED_DETECTORS:
-            threshold = threshold_at_fpr(detector.score(subject.model, subject.clean, subject.clean, **extra),
+            threshold = threshold_at_fpr(detector.score(subject.model, subject.clean, subject.clean,
+                                                        device=subject.device, **extra),
                                          FLAG_FALSE_POSITIVE_RATE)
             entry.update(threshold=threshold, flagged=int((scores > threshold).sum()))
         if known is not None and 0 < int(known.sum()) < len(known):
@@ -121,8 +123,9 @@ def scan_data(args) -> int:
 
 @dataclasses.dataclass
 class _Subject:
-    """What both commands work on: the model, its classes, the defender's clean images (and how
-    they were drawn), the test split, the run folder if any, and the input files not to overwrite."""
+    """What both commands work on: the model (on ``device``), its classes, the defender's clean
+    images (and how they were drawn), the test split, the run folder if any, and the input files
+    not to overwrite."""
 
     model: torch.nn.Module
     classes: list[str]
@@ -131,11 +134,13 @@ class _Subject:
     test: ImageSet
     run: object
     inputs: list
+    device: torch.device
 
 
 def _subject(args) -> _Subject:
     """The model, its clean images and test split, from ``--run`` or ``--model`` + ``--data``."""
     from rnp.cli.commands import outside_model
+    device = resolve_device(args.device)
     if bool(args.run) == bool(args.data):
         raise RnpError("give either --run DIR, or --model FILE with --data SPEC")
     if args.data and not args.model:
@@ -153,8 +158,8 @@ def _subject(args) -> _Subject:
     inputs = [args.model, Path(args.run) / MODEL_FILE if args.run else None]
     if args.out and (Path(args.out) / RUN_FILE).exists():
         raise RnpError(f"{args.out} holds a training run; choose another --out")
-    return _Subject(model.eval(), list(data.train.classes), clean,
-                    {"size": len(clean), "seed": args.clean_seed}, data.test, run, inputs)
+    return _Subject(model.to(device).eval(), list(data.train.classes), clean,
+                    {"size": len(clean), "seed": args.clean_seed}, data.test, run, inputs, device)
 
 
 def _expose(args, subject: "_Subject") -> Exposure:

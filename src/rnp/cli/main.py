@@ -11,7 +11,8 @@ import sys
 
 from rnp import __version__
 from rnp.attacks import ATTACKS
-from rnp.cli import commands, inspection
+from rnp.bench.executors import EXECUTORS
+from rnp.cli import bench, commands, inspection
 from rnp.cli.inspection import UNLEARN_FIELDS
 from rnp.cli.options import add_config_options, clean_size
 from rnp.defenses import DEFENSES, RNPConfig
@@ -130,6 +131,21 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     scan.add_argument("--sample-seed", type=int, default=0)
     scan.add_argument("--strip-overlays", type=int, default=100, help="STRIP's N (paper: 100)")
     scan.set_defaults(handler=inspection.scan_data)
+
+    grid = sub.add_parser("bench", help="run a benchmark grid (datasets x models x attacks x rates "
+                                        "x seeds x defenses), resumable; write tables and plots")
+    grid.add_argument("grid", help="grid file (YAML), e.g. benchmarks/grids/cpu.yaml")
+    grid.add_argument("--out", help="results folder (default: the grid's 'output', else bench-results/NAME)")
+    grid.add_argument("--cache", help="backdoored-model cache (default: the grid's 'cache', else OUT/models)")
+    grid.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
+                      help="local: this process; ray: one Ray task per cell (pip install 'rnp[ray]')")
+    grid.add_argument("--ray-address", help="a running Ray cluster's address (default: start a local one)")
+    grid.add_argument("--threads", type=int, help="torch threads per cell")
+    grid.add_argument("--compare", action="store_true",
+                      help="put published numbers (BackdoorBench, the official RNP log) beside ours")
+    grid.add_argument("--report-only", action="store_true", help="write the report from finished cells, run nothing")
+    _add_common(grid)
+    grid.set_defaults(handler=bench.bench)
     return parser
 
 
@@ -167,6 +183,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="where decoded datasets are cached "
                                             "(default: $RNP_CACHE_DIR or ~/.cache/rnp)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else MPS, else the CPU), cpu, cuda, "
+                             "cuda:N or mps (default: auto)")
 
 
 def main(argv: list[str] | None = None) -> int:

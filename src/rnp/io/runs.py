@@ -26,6 +26,7 @@ from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from rnp.io.files import read_json, write_json, write_text
 from rnp.models import build_model
+from rnp.utils import config_record
 
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"
@@ -93,6 +94,8 @@ def write_run_files(path: Path, info: dict, attack: Attack | None, poisoned_indi
 
 
 def save_model(path, model: nn.Module, model_spec: dict) -> None:
+    """Writes the weights with their spec; tensors are copied to the CPU first (by
+    :func:`save_checkpoint`), so a model on a GPU saves the same file as one on the CPU."""
     save_checkpoint(path, model.state_dict(), {"model": model_spec})
 
 
@@ -160,5 +163,7 @@ def _read_indices(path: Path) -> torch.Tensor:
 
 
 def config_dict(config) -> dict:
-    """A dataclass config as JSON-ready data (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """A dataclass config as JSON-ready data (tuples become lists), as recorded in ``run.json``
+    and hashed into cache keys; fields added later are left out at their defaults (see
+    :func:`rnp.utils.config_record`), so older run folders and cache keys stay valid."""
+    return config_record(config)

@@ -22,6 +22,7 @@ from torch import nn
 from rnp.attacks.base import TriggeredSet
 from rnp.data.images import ImageSet
 from rnp.training.evaluate import predict
+from rnp.utils import model_device
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,10 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def evaluate_backdoor(model: nn.Module, test: ImageSet, triggered: TriggeredSet | None = None, *,
-                      batch_size: int = 512, device="cpu") -> BackdoorMetrics:
+                      batch_size: int = 512, device=None) -> BackdoorMetrics:
     """Measures CA on ``test`` and, given the triggered test set, CA on non-target images,
-    ASR and RA."""
+    ASR and RA, on ``device`` (default: where the model's parameters are)."""
+    device = model_device(model) if device is None else device
     predictions = predict(model, test, batch_size=batch_size, device=device)
     clean = accuracy(predictions, test.labels)
     if triggered is None:

@@ -8,6 +8,7 @@ hand to :func:`run_epoch`, not in loops of their own.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.training.hooks import TrainingHook
+from rnp.utils import amp_dtype
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
               ascent: bool = False, loss_scale: float = 1.0,
               after_step: Callable[[StepInfo], bool] | None = None,
               penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-              hook: TrainingHook | None = None, progress=None, device="cpu") -> EpochStats:
+              hook: TrainingHook | None = None, progress=None, device="cpu",
+              scaler: torch.amp.GradScaler | None = None) -> EpochStats:
     """Trains ``model`` for one epoch over ``data`` in train mode.
 
     ``ascent`` maximises the cross-entropy instead of minimising it. ``after_step`` is called
@@ -57,7 +60,15 @@ term added to the objective after the forward pass (e.g. a distillation loss on 
 the forward pass recorded); it is not counted in the reported loss. ``hook`` lets an attack rewrite each batch
     and train its own parts alongside (see :class:`TrainingHook`). ``progress`` is an optional
     tqdm bar.
+
+    With an enabled ``scaler`` the step runs in mixed precision: the forward pass, the loss and
+    the penalty under :func:`torch.autocast` (float16 on CUDA, bfloat16 on the CPU), the
+    backward pass and the update through the scaler, which skips a step whose gradients
+    overflowed. A hook's own passes in ``transform`` stay in float32. Without a scaler (or with
+    a disabled one) every step is computed exactly as in full precision.
     """
+    device = torch.device(device)
+    mixed = scaler is not None and scaler.is_enabled()
     model.train()
     total_loss = correct = seen = steps = 0
     stopped = False
@@ -66,16 +77,22 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
         extra = None
         if hook is not None:
             images, labels, extra = hook.transform(model, images, labels)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        objective = (-loss if ascent else loss) * loss_scale
-        if extra is not None:
-            objective = objective + extra
-        if penalty is not None:
-            objective = objective + penalty(images, labels, logits)
+        with torch.autocast(device.type, dtype=amp_dtype(device)) if mixed else contextlib.nullcontext():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            objective = (-loss if ascent else loss) * loss_scale
+            if extra is not None:
+                objective = objective + extra
+            if penalty is not None:
+                objective = objective + penalty(images, labels, logits)
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
+        if mixed:
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            objective.backward()
+            optimizer.step()
         if hook is not None:
             hook.after_update()
         predictions = logits.detach().argmax(1)

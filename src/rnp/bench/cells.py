@@ -1,0 +1,168 @@
+"""Running one grid cell: find (or train) its subject, defend it, measure, return the record.
+
+Both functions are plain and picklable, so an executor can run them in this process or ship
+them to a Ray worker. A record is JSON-ready and holds everything needed to rerun the cell
+exactly (the cell's full description, the data checksum, the package and torch versions, the
+device) besides the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import platform
+import time
+
+import torch
+
+from rnp import __version__
+from rnp.bench.cost import optimisation_floor, rnp_floor_images
+from rnp.bench.grid import NO_DEFENSE, Cell, Subject
+from rnp.bench.memory import PeakMemory
+from rnp.bench.retuning import retune, retuning_set
+from rnp.bench.subjects import cached_subject
+from rnp.data.clean_subset import select_clean_subset
+from rnp.defenses import DEFENSES, DefenseResult
+from rnp.defenses.rnp import threshold_sweep
+from rnp.errors import RnpError
+from rnp.io.files import read_json
+from rnp.io.runs import METRICS_FILE, load_run
+from rnp.metrics import BackdoorMetrics, der, evaluate_backdoor
+from rnp.metrics.backdoor import accuracy
+from rnp.training.evaluate import predict
+from rnp.utils import generator_for
+
+
+def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = None, device="cpu",
+                    progress: bool = False, log=print) -> str:
+    """The subject's run folder in ``cache``, trained first if it is not there yet."""
+    run_dir = cached_subject(cache, subject.data_spec, subject.build_attack(), arch=subject.arch,
+                             width=subject.width, config=subject.train_config(), cache_dir=data_cache,
+                             device=device, progress=progress, log=log)
+    return str(run_dir)
+
+
+def run_cell(cell: Cell, run_dir: str, *, data_cache: str | None = None, device="cpu",
+             threads: int | None = None) -> dict:
+    """Defends the cell's subject and returns the cell's record."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    subject = _load_subject(run_dir, data_cache)
+    model = subject["run"].model.to(device)
+    clean, indices = select_clean_subset(subject["pool"], cell.clean_size, seed=cell.subject.seed,
+                                         exclude=subject["exclude"])
+    before = subject["before"]
+    record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
+              "data_spec": cell.subject.data_spec, "subject_run": run_dir,
+              "clean_indices": indices.tolist(), "environment": _environment(device),
+              "before": before.to_dict()}
+    try:
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            result = _defend(cell, model, clean)
+            seconds = time.perf_counter() - start
+    except RnpError as error:  # the defense does not apply to this model (e.g. CLP without BN)
+        return {**record, "status": "not_applicable", "error": str(error)}
+    after = evaluate_backdoor(result.model, subject["run"].data.test, subject["triggered"], device=device)
+    record.update(status="ok", after=after.to_dict(), der=der(before, after), seconds=seconds,
+                  stages=result.timings, peak_memory_mb=peak.megabytes, memory_kind=peak.kind,
+                  summary=report_summary(result.report))
+    if cell.defense == "rnp":
+        record["rnp"] = _rnp_details(cell, result, subject, device)
+        floor = optimisation_floor(model, clean, images=rnp_floor_images(result),
+                                   batch_size=result.report["config"]["batch_size"], device=device)
+        record["rnp"].update(floor_seconds=floor, floor_ratio=seconds / floor)
+    if cell.retuning is not None:
+        record["retuning"] = _retuning(cell, result.model, subject)
+    return record
+
+
+def _defend(cell: Cell, model, clean) -> DefenseResult:
+    if cell.defense == NO_DEFENSE:
+        return DefenseResult(model, {"method": NO_DEFENSE})
+    return DEFENSES[cell.defense](**cell.settings).fit(model, clean)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_subject(run_dir: str, data_cache: str | None) -> dict:
+    """The loaded run and what every cell of it needs; kept while cells of one subject follow
+    each other."""
+    run = load_run(run_dir, cache_dir=data_cache)
+    metrics = read_json(f"{run_dir}/{METRICS_FILE}")
+    before = BackdoorMetrics(**{k: metrics.get(k) for k in BackdoorMetrics.__dataclass_fields__})
+    pool, exclude = run.clean_pool()
+    return {"run": run, "triggered": run.triggered_test(), "before": before, "pool": pool,
+            "exclude": exclude, "data_cache": data_cache, "poisoned_train": {}}
+
+
+def _rnp_details(cell: Cell, result, subject: dict, device) -> dict:
+    """Mask values (for histograms) and the pruning curve: test CA and ASR on a seeded subset
+    of ``curve_images`` test images after pruning at each mask threshold. The curve is an
+    ORACLE ANALYSIS: it uses test labels and triggered test images, which a defender does not
+    have, and chooses nothing."""
+    details = {"masks": [round(float(v), 4) for v in result.masks.values],
+               "pruned": result.report["pruning"]["pruned"]}
+    if cell.curve_images:
+        test, triggered = subject["run"].data.test, subject["triggered"].data
+        generator = generator_for(cell.subject.seed, "pruning-curve")
+        test_pick = torch.randperm(len(test), generator=generator)[:cell.curve_images]
+        trig_pick = torch.randperm(len(triggered), generator=generator)[:cell.curve_images]
+        test_subset, triggered_subset = test.subset(test_pick), triggered.subset(trig_pick)
+        target_labels = subject["triggered"].target_labels[trig_pick]
+
+        def oracle(model) -> dict:
+            return {"clean_accuracy": accuracy(predict(model, test_subset, device=device), test_subset.labels),
+                    "attack_success_rate": accuracy(predict(model, triggered_subset, device=device),
+                                                    target_labels)}
+
+        details["curve"] = threshold_sweep(result, oracle)
+        details["curve_kind"] = f"oracle analysis on {len(test_pick)} test images"
+    return details
+
+
+def _retuning(cell: Cell, model, subject: dict) -> dict:
+    """ASR after each retuning epoch, or why the measurement does not apply."""
+    config = copy.copy(cell.retuning)
+    config.seed = cell.subject.seed
+    cache = subject["poisoned_train"]
+    if "set" not in cache:
+        cache["set"] = subject["run"].poisoned_train(cache_dir=subject["data_cache"])
+    run = subject["run"]
+    rate = len(run.poisoned_indices) / len(run.data.train)
+    try:
+        data, poisoned = retuning_set(cache["set"], config, rate)
+    except RnpError as error:
+        return {"error": str(error)}
+    asr = retune(model, data, subject["triggered"], config)
+    return {"asr": {str(k): v for k, v in asr.items()}, "images": len(data), "poisoned": poisoned}
+
+
+def report_summary(report: dict) -> dict:
+    """The few report fields worth keeping in a record: what was pruned or flagged."""
+    keep = {}
+    if "pruning" in report:
+        keep["pruned"] = report["pruning"].get("pruned")
+    for key in ("flagged", "flagged_classes"):
+        if key in report:
+            keep["flagged"] = report[key]
+    return keep
+
+
+def _labels(cell: Cell) -> dict:
+    """The short names the tables print."""
+    subject = cell.subject
+    return {"dataset": subject.dataset, "model": f"{subject.arch}-w{subject.width}",
+            "attack": subject.label, "seed": subject.seed, "defense": cell.defense}
+
+
+def _environment(device) -> dict:
+    return {"rnp_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": _device_name(device),
+            "threads": torch.get_num_threads(), "host": platform.node()}
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

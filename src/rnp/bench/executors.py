@@ -1,0 +1,94 @@
+"""Where a grid's cells run: in this process, or as tasks on a Ray cluster.
+
+An executor takes the cells to compute and two picklable functions, ``prepare(subject) ->
+run_dir`` (find or train the backdoored model) and ``execute(cell, run_dir) -> record``, and
+yields ``(cell, record)`` as cells finish, or ``(cell, error)`` for a cell that failed with an
+input error (:class:`RnpError`). The caller writes the records, so results are gathered the same
+way whichever executor ran them. Anything else (a bug, Ctrl-C) stops the run; finished cells
+are already on disk and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from rnp.bench.grid import Cell, Subject
+from rnp.errors import RnpError
+
+Outcome = tuple[Cell, "dict | RnpError"]
+
+
+class LocalExecutor:
+    """Runs every cell in this process, one after another, subject by subject."""
+
+    name = "local"
+
+    def run(self, cells: list[Cell], prepare: Callable[[Subject], str],
+            execute: Callable[[Cell, str], dict]) -> Iterator[Outcome]:
+        run_dirs: dict[str, str | RnpError] = {}
+        for cell in cells:
+            key = cell.subject.key
+            if key not in run_dirs:
+                try:
+                    run_dirs[key] = prepare(cell.subject)
+                except RnpError as error:
+                    run_dirs[key] = error
+            if isinstance(run_dirs[key], RnpError):
+                yield cell, run_dirs[key]
+                continue
+            try:
+                yield cell, execute(cell, run_dirs[key])
+            except RnpError as error:
+                yield cell, error
+
+
+class RayExecutor:
+    """Each subject is one Ray task and each cell another, which waits for its subject's task;
+    records come back to this process as cells finish.
+
+    ``address`` is a running cluster's (``ray start --head`` prints it; "auto" finds one),
+    None starts a local Ray instance. ``cpus`` and ``gpus`` are the resources each task asks for.
+    The cache and data paths must be reachable from every worker (a shared filesystem).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, cpus: float = 1, gpus: float = 0):
+        self.address, self.cpus, self.gpus = address, cpus, gpus
+
+    def run(self, cells: list[Cell], prepare: Callable[[Subject], str],
+            execute: Callable[[Cell, str], dict]) -> Iterator[Outcome]:
+        try:
+            import ray
+        except ImportError:
+            raise RnpError("--executor ray needs Ray: pip install 'rnp[ray]'") from None
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        try:
+            options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": 0}
+            task = ray.remote(**options)(_call)
+            subjects, pending = {}, {}
+            for cell in cells:
+                if cell.subject.key not in subjects:
+                    subjects[cell.subject.key] = task.remote(prepare, cell.subject)
+                pending[task.remote(execute, cell, subjects[cell.subject.key])] = cell
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(done[0])
+                try:
+                    yield cell, ray.get(done[0])
+                except RnpError as error:  # Ray re-raises a task's error as a subclass of its type
+                    yield cell, RnpError(str(error).strip().splitlines()[-1])
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _call(function, *args):
+    """A Ray task body: ``function(*args)`` (Ray's decorator takes only plain functions, and
+    resolves a finished task's result passed as an argument before the call)."""
+    return function(*args)
+
+
+EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

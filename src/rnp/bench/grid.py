@@ -1,0 +1,300 @@
+"""A benchmark grid: datasets x models x attacks x poisoning rates x seeds x defenses.
+
+A grid file (YAML or JSON) names each axis; :func:`load_grid` checks it and :meth:`Grid.cells`
+expands it into :class:`Cell` objects. A cell's ``key`` hashes everything that shapes its
+result (the subject's data checksum, model, attack and training config, the seed, the defense
+with every setting filled in, the clean-set size, the optional measurements, the package
+version), so a finished cell is recognised on a later run and a changed setting makes a new
+cell. Cells share a :class:`Subject` (the backdoored model) when they differ only in the
+defense; subjects are cached by :func:`rnp.bench.subjects.cached_subject`.
+
+Example (``benchmarks/grids/`` holds the README's)::
+
+    name: cpu
+    datasets: {cifar10: ../shared/data/cifar10/cifar10-jpeg.zip}
+    models: [{arch: preact_resnet18, width: 16}]
+    train: {epochs: 10}
+    attacks: [badnets, blend, {name: wanet, k: 4}]
+    poison_rates: [default]
+    seeds: [0]
+    defenses: {none: {}, rnp: {}, anp: {iterations: 200}}
+    clean_size: 500
+    retuning: {epochs: [1, 5, 20]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rnp import __version__
+from rnp.attacks import ATTACKS
+from rnp.bench.retuning import RetuningConfig
+from rnp.bench.suite import suite_attack
+from rnp.defenses import DEFENSES
+from rnp.errors import RnpError
+from rnp.io.runs import config_dict
+from rnp.models import MODEL_NAMES
+from rnp.training import TrainConfig
+
+NO_DEFENSE = "none"
+"""The pseudo-defense that returns the model unchanged: the row every other is compared to."""
+
+GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
+             "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output"}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One backdoored model to train (or find in the cache)."""
+
+    dataset: str
+    data_spec: str
+    arch: str
+    width: int
+    attack: str
+    attack_params: dict
+    poison_rate: float | None
+    seed: int
+    train: dict
+    reduced: bool = True
+
+    def build_attack(self):
+        params = dict(self.attack_params, seed=self.seed)
+        if self.poison_rate is not None:
+            params["poison_rate"] = self.poison_rate
+        return suite_attack(self.attack, reduced=self.reduced, **params)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{**self.train, "seed": self.seed})
+
+    @property
+    def key(self) -> str:
+        """A string naming the subject (its fields hold dicts, so it is not hashable itself)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @property
+    def label(self) -> str:
+        rate = "" if self.poison_rate is None else f"@{self.poison_rate:g}"
+        params = "".join(f",{k}={v}" for k, v in sorted(self.attack_params.items()))
+        return f"{self.attack}{params}{rate}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One defense on one subject: what a grid run computes and stores as one record."""
+
+    subject: Subject
+    defense: str
+    settings: dict
+    clean_size: int
+    retuning: RetuningConfig | None
+    curve_images: int
+    data_checksum: str
+    key: str = ""
+
+    def describe(self) -> dict:
+        """Everything that shapes the result, as JSON-ready data (hashed into the key). The
+        dataset enters by its checksum, not its path, so moving the data keeps the cells."""
+        config = DEFENSES[self.defense].config_class(**self.settings) if self.defense in DEFENSES else None
+        subject = {k: v for k, v in dataclasses.asdict(self.subject).items() if k != "data_spec"}
+        return {"rnp_version": __version__,
+                "subject": subject, "data_checksum": self.data_checksum,
+                "attack_spec": self.subject.build_attack().spec(),
+                "train_config": config_dict(self.subject.train_config()),
+                "defense": self.defense,
+                "defense_config": config_dict(config) if config is not None else {},
+                "clean_size": self.clean_size,
+                "retuning": config_dict(self.retuning) if self.retuning else None,
+                "curve_images": self.curve_images if self.defense == "rnp" else 0}
+
+
+@dataclass
+class Grid:
+    """A parsed grid file."""
+
+    name: str
+    datasets: dict[str, str]
+    models: list[dict]
+    attacks: list[tuple[str, dict]]
+    defenses: dict[str, dict]
+    train: dict = field(default_factory=dict)
+    poison_rates: list[float | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    clean_size: int = 500
+    retuning: RetuningConfig | None = None
+    curve_images: int = 1000
+    reduced_attacks: bool = True
+    cache: str | None = None
+    data_cache: str | None = None
+    output: str | None = None
+
+    def subjects(self) -> list[Subject]:
+        return [Subject(name, spec, model["arch"], model.get("width", 16), attack, params, rate, seed,
+                        self.train, self.reduced_attacks)
+                for name, spec in self.datasets.items() for model in self.models
+                for attack, params in self.attacks for rate in self.poison_rates for seed in self.seeds]
+
+    def cells(self, checksums: dict[str, str]) -> list[Cell]:
+        """Every cell, subjects in grid order and defenses in the file's order within each.
+        ``checksums`` maps each dataset name to its data checksum."""
+        cells = []
+        for subject in self.subjects():
+            for defense, settings in self.defenses.items():
+                if defense != NO_DEFENSE and "seed" in _fields(defense):
+                    settings = {"seed": subject.seed, **settings}
+                cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
+                            self.curve_images, checksums[subject.dataset])
+                cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
+        return cells
+
+
+def load_grid(path) -> Grid:
+    """Reads and checks a grid file; every mistake is one RnpError line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RnpError(f"{path}: {error.strerror or error}") from None
+    try:
+        import yaml
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RnpError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    try:
+        return parse_grid(raw, base=path.parent)
+    except RnpError as error:
+        raise RnpError(f"{path}: {error}") from None
+
+
+def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
+    """A :class:`Grid` from the mapping a grid file holds. Relative dataset paths are taken
+    relative to the working directory when they exist there, else to ``base``."""
+    if not isinstance(raw, dict):
+        raise RnpError("a grid is a mapping of the keys " + ", ".join(sorted(GRID_KEYS)))
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise RnpError(f"unknown grid key(s) {', '.join(unknown)}; known: {', '.join(sorted(GRID_KEYS))}")
+    for required in ("datasets", "attacks", "defenses"):
+        if not raw.get(required):
+            raise RnpError(f"the grid needs a non-empty {required!r}")
+    datasets = raw["datasets"]
+    if not isinstance(datasets, dict):
+        raise RnpError("'datasets' maps a name to a dataset path, e.g. {cifar10: path/to/data}")
+    models = [_model(m) for m in _list(raw.get("models", [{"arch": "preact_resnet18"}]), "models")]
+    train = _mapping(raw.get("train", {}), "train")
+    _check_fields(TrainConfig, train, "train")
+    if "seed" in train:
+        raise RnpError("'train' takes no seed: the grid's 'seeds' set it")
+    defenses = _defenses(raw["defenses"])
+    retuning = raw.get("retuning")
+    if retuning is not None and retuning is not False:
+        retuning = _mapping({} if retuning is True else retuning, "retuning")
+        _check_fields(RetuningConfig, retuning, "retuning")
+        retuning = RetuningConfig(**retuning)
+    else:
+        retuning = None
+    return Grid(
+        name=str(raw.get("name", "grid")),
+        datasets={str(k): _resolve(str(v), base) for k, v in datasets.items()},
+        models=models, attacks=[_attack(a) for a in _list(raw["attacks"], "attacks")],
+        defenses=defenses, train=train,
+        poison_rates=[_rate(r) for r in _list(raw.get("poison_rates", ["default"]), "poison_rates")],
+        seeds=[_int(s, "seeds") for s in _list(raw.get("seeds", [0]), "seeds")],
+        clean_size=_int(raw.get("clean_size", 500), "clean_size"), retuning=retuning,
+        curve_images=_int(raw.get("curve_images", 1000), "curve_images"),
+        reduced_attacks=bool(raw.get("reduced_attacks", True)),
+        cache=raw.get("cache"), data_cache=raw.get("data_cache"), output=raw.get("output"))
+
+
+def _defenses(raw) -> dict[str, dict]:
+    if isinstance(raw, list):
+        raw = {name: {} for name in raw}
+    raw = _mapping(raw, "defenses")
+    known = [NO_DEFENSE, *DEFENSES]
+    result = {}
+    for name, settings in raw.items():
+        if name not in known:
+            raise RnpError(f"unknown defense {name!r}; choose from {', '.join(known)}")
+        settings = _mapping(settings or {}, f"defenses.{name}")
+        if name == NO_DEFENSE and settings:
+            raise RnpError("the 'none' defense takes no settings")
+        if name != NO_DEFENSE:
+            DEFENSES[name].check_settings(settings)
+            DEFENSES[name](**settings)  # validates the values now, not hours into the run
+        result[name] = settings
+    return result
+
+
+def _attack(item) -> tuple[str, dict]:
+    if isinstance(item, str):
+        name, params = item, {}
+    else:
+        params = dict(_mapping(item, "attacks[]"))
+        name = params.pop("name", None)
+    if name not in ATTACKS:
+        raise RnpError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
+    if "seed" in params or "poison_rate" in params or "target" in params:
+        raise RnpError(f"attack {name}: seed, poison_rate and target come from the grid's seeds, "
+                       "poison_rates and the suite's target 0")
+    return name, params
+
+
+def _model(item) -> dict:
+    if isinstance(item, str):
+        item = {"arch": item}
+    item = _mapping(item, "models[]")
+    if item.get("arch") not in MODEL_NAMES or set(item) - {"arch", "width"}:
+        raise RnpError(f"a model is {{arch: one of {', '.join(MODEL_NAMES)}, width: N}}, got {item}")
+    return {"arch": item["arch"], "width": _int(item.get("width", 16), "width")}
+
+
+def _rate(value) -> float | None:
+    if value in (None, "default"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise RnpError(f"a poisoning rate is 'default' or a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _resolve(spec: str, base: Path) -> str:
+    path = Path(spec).expanduser()
+    if path.is_absolute() or path.exists() or not (base / path).exists():
+        return str(path)
+    return str(base / path)
+
+
+def _check_fields(config_class, settings: dict, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise RnpError(f"{where} has no setting {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def _fields(defense: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(DEFENSES[defense].config_class)}
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise RnpError(f"{where!r} must be a list, got {value!r}")
+    return value
+
+
+def _mapping(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise RnpError(f"{where!r} must be a mapping, got {value!r}")
+    return value
+
+
+def _int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RnpError(f"{where!r} takes non-negative integers, got {value!r}")
+    return value
+
+
+def _hash(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]

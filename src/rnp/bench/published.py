@@ -1,0 +1,55 @@
+"""Published reference numbers to put beside a grid's (``rnp bench --compare``).
+
+Two sources, as collected in the project's RNP specification (section 10):
+
+* The BackdoorBench leaderboard (Wu et al., "BackdoorBench: A Comprehensive Benchmark of
+  Backdoor Learning", NeurIPS 2022 Datasets and Benchmarks; ``static/data/results.csv`` of
+  backdoorbench.github.io): CIFAR-10, PreAct-ResNet18 at full width, 10% poisoning, all-to-one
+  target 0. Cells are (CA, ASR) in percent. RNP is not in the leaderboard's data.
+* The official RNP log (Li et al., ICML 2023; the authors' README run): CIFAR-10, ResNet-18,
+  BadNets 10%, target 0, 500 clean images; CA there is measured on the 9,000 non-target test
+  images.
+"""
+
+from __future__ import annotations
+
+BACKDOORBENCH = {
+    "source": "BackdoorBench leaderboard, CIFAR-10, PreAct-ResNet18 (width 64), 10% poisoning",
+    "setting": {"arch": "preact_resnet18", "width": 64, "data": "CIFAR-10 (original PNG)",
+                "clean_set": "5% of the training set for FP, NAD, ANP"},
+    "cells": {
+        "none": {"badnets": (91.3, 95.0), "blend": (93.5, 99.9), "wanet": (91.2, 89.7),
+                 "input_aware": (90.7, 98.3), "sig": (84.5, 98.3), "low_frequency": (93.2, 99.3),
+                 "label_consistent": (84.6, 99.9)},
+        "ft": {"badnets": (90.0, 1.5), "blend": (92.8, 96.1), "wanet": (93.5, 17.1),
+               "input_aware": (93.1, 1.7), "sig": (90.8, 2.4), "low_frequency": (92.4, 78.4),
+               "label_consistent": (90.8, 11.3)},
+        "fp": {"badnets": (91.3, 57.1), "blend": (93.2, 99.3), "wanet": (91.5, 1.1),
+               "input_aware": (91.7, 0.0), "sig": (89.1, 26.2), "low_frequency": (92.9, 99.0),
+               "label_consistent": (89.5, 0.4)},
+        "nad": {"badnets": (89.9, 2.1), "blend": (92.2, 97.7), "wanet": (93.2, 23.0),
+                "input_aware": (93.2, 1.7), "sig": (90.0, 10.7), "low_frequency": (92.4, 47.8),
+                "label_consistent": (90.5, 11.3)},
+        "nc": {"badnets": (89.0, 1.3), "blend": (93.5, 99.9), "wanet": (91.8, 7.5),
+               "input_aware": (92.6, 0.8), "sig": (84.5, 98.3), "low_frequency": (91.6, 1.4),
+               "label_consistent": (90.4, 7.0)},
+        "anp": {"badnets": (84.2, 0.7), "blend": (86.6, 2.2), "wanet": (85.7, 0.4),
+                "input_aware": (90.4, 1.6), "sig": (78.0, 0.0), "low_frequency": (85.1, 0.6),
+                "label_consistent": (82.2, 4.8)},
+        "ibau": {"blend": (87.0, 50.5), "wanet": (89.5, 5.2), "input_aware": (89.2, 27.1),
+                 "sig": (85.7, 3.7), "low_frequency": (84.4, 45.0)},
+        "clp": {"blend": (91.3, 99.7), "wanet": (81.9, 78.4), "input_aware": (90.3, 2.2),
+                "sig": (83.8, 98.9), "low_frequency": (92.8, 99.2)},
+    },
+    "notes": {"anp": "pruning level chosen with test-set ASR (BackdoorBench issue #35): optimistic"},
+}
+
+RNP_LOG = {
+    "source": "official RNP log (Li et al., ICML 2023), CIFAR-10, ResNet-18 (width 64), BadNets 10%",
+    "setting": {"arch": "resnet18", "width": 64, "data": "CIFAR-10 (original PNG)", "epochs": 80,
+                "clean_set": "500 images", "ca": "CA on the 9,000 non-target test images"},
+    "cells": {"none": {"badnets": (93.40, 100.00)}, "rnp": {"badnets": (92.80, 6.61)}},
+    "notes": {"rnp": "pruning threshold 0.20 (the log's 0.30 gives 92.77 / 1.72)"},
+}
+
+SOURCES = (BACKDOORBENCH, RNP_LOG)

@@ -1,0 +1,246 @@
+"""A grid's report: ``results.csv`` (one row per cell), ``results.md`` (the cell table, the means
+per defense, RNP's cost against its floor, optionally the published numbers beside ours) and
+figures (DER per defense and attack, RNP's pruning curves, RNP's mask values).
+
+Every percentage is computed from the records, which hold fractions; nothing is re-measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from rnp.bench.grid import NO_DEFENSE
+from rnp.bench.published import SOURCES
+from rnp.io.figures import bar_chart, histograms, line_chart, save_png, side_by_side
+from rnp.io.files import write_text
+
+METRICS = (("CA", "clean_accuracy"), ("ASR", "attack_success_rate"), ("RA", "robust_accuracy"))
+
+
+def write_report(records: list[dict], out, *, title: str, compare: bool = False) -> str:
+    """Writes the report files into ``out`` and returns the Markdown text."""
+    out = Path(out)
+    write_text(out / "results.csv", results_csv(records))
+    text = markdown(records, title=title, compare=compare)
+    write_text(out / "results.md", text)
+    for name, image in figures(records).items():
+        save_png(image, out / name)
+    return text
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["status"] == "ok"]
+
+
+def _subject(record: dict) -> tuple:
+    label = record["label"]
+    return label["dataset"], label["model"], label["attack"], label["seed"]
+
+
+def _retuning_epochs(records: list[dict]) -> list[str]:
+    epochs = {e for r in records for e in r.get("retuning", {}).get("asr", {})}
+    return sorted(epochs, key=int)
+
+
+def _rnp_seconds(records: list[dict]) -> dict[tuple, float]:
+    return {_subject(r): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
+
+
+def results_csv(records: list[dict]) -> str:
+    """One row per cell, metrics as fractions, seconds and megabytes as measured."""
+    epochs = _retuning_epochs(records)
+    rnp = _rnp_seconds(records)
+    columns = ["key", "dataset", "model", "attack", "seed", "defense", "status",
+               "ca_before", "asr_before", "ra_before", "ca", "asr", "ra", "der", "seconds",
+               "seconds_over_rnp", "peak_memory_mb", "memory_kind", "pruned",
+               "floor_seconds", "rnp_over_floor", *[f"retuned_asr_{e}" for e in epochs]]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = {"key": r["key"], **r["label"], "status": r["status"]}
+        for short, name in METRICS:
+            row[f"{short.lower()}_before"] = r["before"][name]
+        if r["status"] == "ok":
+            row.update({short.lower(): r["after"][name] for short, name in METRICS})
+            rnp_seconds = rnp.get(_subject(r))
+            row.update(der=r["der"], seconds=round(r["seconds"], 3), peak_memory_mb=round(r["peak_memory_mb"], 1),
+                       memory_kind=r["memory_kind"], pruned=r["summary"].get("pruned"),
+                       seconds_over_rnp=round(r["seconds"] / rnp_seconds, 3) if rnp_seconds else None)
+            cost = r.get("rnp", {})
+            row.update(floor_seconds=cost.get("floor_seconds"), rnp_over_floor=cost.get("floor_ratio"))
+            for epoch, value in r.get("retuning", {}).get("asr", {}).items():
+                row[f"retuned_asr_{epoch}"] = value
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
+    """The cell table, the means per defense, RNP's cost, and (``compare``) published numbers."""
+    epochs = _retuning_epochs(records)
+    retuned = "".join(f" ASR after {e} ep. |" for e in epochs)
+    lines = [f"# {title}", "", f"{len(records)} cells. CA / ASR / RA / DER in %, before -> after; "
+             "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
+             "| dataset | model | attack | seed | defense | CA | ASR | RA | DER | seconds | peak MB |" + retuned,
+             "|---" * (11 + len(epochs)) + "|"]
+    for r in records:
+        label, before = r["label"], r["before"]
+        head = f"| {label['dataset']} | {label['model']} | {label['attack']} | {label['seed']} | {label['defense']} |"
+        if r["status"] != "ok":
+            lines.append(head + f" n/a: {r['error']} |" + " |" * (5 + len(epochs)))
+            continue
+        after = r["after"]
+        metrics = " | ".join(f"{_pct(before[n])} -> {_pct(after[n])}" for _, n in METRICS)
+        asr = r.get("retuning", {}).get("asr", {})
+        tail = "".join(f" {_pct(asr.get(e))} |" for e in epochs)
+        lines.append(f"{head} {metrics} | {_pct(r['der'])} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} |{tail}")
+    lines += ["", means_table(records, epochs)]
+    cost = cost_table(records)
+    if cost:
+        lines += ["", cost]
+    if compare:
+        lines += ["", compare_table(records)]
+    return "\n".join(lines) + "\n"
+
+
+def _memory_kinds(records: list[dict]) -> str:
+    kinds = sorted({r["memory_kind"] for r in _ok(records)})
+    return ", ".join(kinds) or "-"
+
+
+def means_table(records: list[dict], epochs: list[str]) -> str:
+    """Means per defense over its cells, with each defense's seconds over RNP's on the same
+    subject (mean of the per-subject ratios)."""
+    rnp = _rnp_seconds(records)
+    by_defense = defaultdict(list)
+    for r in _ok(records):
+        by_defense[r["label"]["defense"]].append(r)
+    retuned = "".join(f" ASR after {e} ep. |" for e in epochs)
+    lines = ["Means per defense:", "",
+             "| defense | cells | CA | ASR | RA | DER | seconds | x RNP time | peak MB |" + retuned,
+             "|---" * (9 + len(epochs)) + "|"]
+    for defense, rows in by_defense.items():
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return statistics.mean(values) if values else None
+
+        ratios = [r["seconds"] / rnp[_subject(r)] for r in rows
+                  if rnp.get(_subject(r)) and defense != NO_DEFENSE]
+        ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
+        asr = [_pct(mean([r.get("retuning", {}).get("asr", {}).get(e) for r in rows])) for e in epochs]
+        lines.append(f"| {defense} | {len(rows)} | "
+                     + " | ".join(_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS)
+                     + f" | {_pct(mean([r['der'] for r in rows]))} | {mean([r['seconds'] for r in rows]):.1f} | "
+                     f"{ratio} | {mean([r['peak_memory_mb'] for r in rows]):.0f} |"
+                     + "".join(f" {a} |" for a in asr))
+    return "\n".join(lines)
+
+
+def cost_table(records: list[dict]) -> str:
+    """RNP's seconds against its optimisation floor, where the cells measured it."""
+    rows = [r for r in _ok(records) if r["label"]["defense"] == "rnp" and "floor_seconds" in r.get("rnp", {})]
+    if not rows:
+        return ""
+    lines = ["RNP's cost against its floor (the same number of forward+backward passes of plain "
+             "training, timed in the same cell on the same model):", "",
+             "| attack | seed | RNP seconds | unlearn / recover / prune | floor seconds | RNP / floor |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        stages = " / ".join(f"{r['stages'].get(s, 0):.1f}" for s in ("unlearn", "recover", "prune"))
+        lines.append(f"| {r['label']['attack']} | {r['label']['seed']} | {r['seconds']:.1f} | {stages} | "
+                     f"{r['rnp']['floor_seconds']:.1f} | {r['rnp']['floor_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def compare_table(records: list[dict]) -> str:
+    """Our mean CA / ASR beside every published cell with the same defense and attack, and
+    what differs between the two settings."""
+    ours = defaultdict(list)
+    for r in _ok(records):
+        ours[(r["label"]["defense"], r["cell"]["subject"]["attack"])].append(r)
+    lines = ["Published numbers beside ours (CA / ASR, %):", "",
+             "| defense | attack | ours | published | source | what differs |", "|---|---|---|---|---|---|"]
+    for source in SOURCES:
+        for defense, cells in source["cells"].items():
+            for attack, (ca, asr) in cells.items():
+                rows = ours.get((defense, attack))
+                if not rows:
+                    continue
+                mean_ca = statistics.mean(r["after"]["clean_accuracy"] for r in rows)
+                mean_asr = statistics.mean(r["after"]["attack_success_rate"] for r in rows)
+                note = source["notes"].get(defense)
+                differs = _differences(rows[0], source["setting"]) + (f"; {note}" if note else "")
+                lines.append(f"| {defense} | {attack} | {_pct(mean_ca)} / {_pct(mean_asr)} | {ca:.1f} / {asr:.1f} | "
+                             f"{source['source']} | {differs} |")
+    if len(lines) == 4:
+        lines.append("| - | - | - | - | no published cell matches this grid's defenses and attacks | - |")
+    return "\n".join(lines)
+
+
+def _differences(record: dict, setting: dict) -> str:
+    subject = record["cell"]["subject"]
+    parts = []
+    if (subject["arch"], subject["width"]) != (setting["arch"], setting["width"]):
+        parts.append(f"model: ours {subject['arch']} width {subject['width']}, "
+                     f"theirs {setting['arch']} width {setting['width']}")
+    if "jpeg" in record.get("data_spec", "").lower():
+        parts.append(f"data: ours the JPEG copy of CIFAR-10, theirs {setting['data']}")
+    rate = record["cell"]["attack_spec"].get("poison_rate")
+    if rate is not None and abs(rate - 0.1) > 1e-9:
+        parts.append(f"poisoning: ours {100 * rate:g}%, theirs 10%")
+    epochs = record["cell"]["train_config"]["epochs"]
+    parts.append(f"epochs: ours {epochs}" + (f", theirs {setting['epochs']}" if "epochs" in setting else ""))
+    parts.append(f"clean set: ours {record['cell']['clean_size']} images, theirs {setting['clean_set']}")
+    if "ca" in setting:
+        parts.append(f"theirs: {setting['ca']}")
+    return "; ".join(parts)
+
+
+def figures(records: list[dict]) -> dict:
+    """The report's figures by file name; a figure with nothing to show is left out."""
+    images = {}
+    ok = _ok(records)
+    attacks = sorted({r["label"]["attack"] for r in ok})
+    panels = []
+    for attack in attacks:
+        rows = [r for r in ok if r["label"]["attack"] == attack and r["label"]["defense"] != "none"]
+        by_defense = defaultdict(list)
+        for r in rows:
+            by_defense[r["label"]["defense"]].append(100 * r["der"])
+        if by_defense:
+            panels.append(bar_chart([statistics.mean(v) for v in by_defense.values()], list(by_defense),
+                                    title=f"DER per defense: {attack}", ylabel="DER (%)", reference=50.0))
+    if panels:
+        images["der.png"] = side_by_side(panels)
+    rnp = [r for r in ok if r["label"]["defense"] == "rnp"]
+    curves = [r for r in rnp if r["rnp"].get("curve")]
+    if curves:
+        images["rnp_pruning_curve.png"] = side_by_side([
+            line_chart({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["curve"]],
+                        "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["curve"]]},
+                       x=[p["threshold"] for p in r["rnp"]["curve"]],
+                       title=f"RNP pruning curve: {_name(r, curves)} (oracle analysis)",
+                       xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset")
+            for r in curves])
+    if rnp:
+        images["rnp_masks.png"] = histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
+                                             title="RNP mask values", xlabel="mask value")
+    return images
+
+
+def _name(record: dict, group: list[dict]) -> str:
+    """The attack, with the model, dataset and seed where the group has several of them."""
+    label = record["label"]
+    parts = [label["attack"]]
+    for key in ("model", "dataset", "seed"):
+        if len({r["label"][key] for r in group}) > 1:
+            parts.append(f"{key} {label[key]}")
+    return ", ".join(map(str, parts))

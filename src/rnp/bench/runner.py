@@ -1,0 +1,85 @@
+"""``rnp bench``: run a grid's missing cells, keep every finished one, write the report.
+
+The output folder holds ``cells/<key>.json`` (one record per finished cell, written atomically
+the moment the cell ends) and the report files of :mod:`rnp.bench.report`. A rerun computes
+only the cells whose record is missing: cells of an interrupted run, or cells a changed
+setting made new. Backdoored models live in the cache, trained once per full spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rnp.bench.cells import prepare_subject, run_cell
+from rnp.bench.executors import EXECUTORS
+from rnp.bench.grid import Cell, Grid
+from rnp.data.sources import load_dataset
+from rnp.errors import RnpError
+from rnp.io.files import read_json, write_json
+
+CELLS_FOLDER = "cells"
+
+
+@dataclass
+class GridRun:
+    """What one ``rnp bench`` call did: this grid's records, which cells it computed, which
+    failed (cell key -> message), and its wall-clock seconds."""
+
+    records: list[dict]
+    computed: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def cell_path(out, key: str) -> Path:
+    return Path(out) / CELLS_FOLDER / f"{key}.json"
+
+
+def grid_cells(grid: Grid, data_cache: str | None = None) -> list[Cell]:
+    """The grid's cells, keyed with each dataset's checksum (decoding each dataset once)."""
+    checksums = {name: load_dataset(spec, cache_dir=data_cache).checksum
+                 for name, spec in grid.datasets.items()}
+    return grid.cells(checksums)
+
+
+def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
+             device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
+             log=None) -> GridRun:
+    """Computes the missing cells of ``grid`` into ``out`` and returns all of its records."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    cells = grid_cells(grid, data_cache)
+    todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]
+    log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
+        f"({executor} executor)")
+    if executor not in EXECUTORS:
+        raise RnpError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    runner = EXECUTORS[executor](ray_address) if executor == "ray" else EXECUTORS[executor]()
+    prepare = functools.partial(prepare_subject, cache=str(cache), data_cache=data_cache, device=device,
+                                progress=executor == "local", log=log)
+    execute = functools.partial(run_cell, data_cache=data_cache, device=device, threads=threads)
+    result = GridRun(records=[])
+    for number, (cell, outcome) in enumerate(runner.run(todo, prepare, execute), start=1):
+        where = f"[{number}/{len(todo)}] {cell.subject.label} / {cell.defense}"
+        if isinstance(outcome, RnpError):
+            result.failures[cell.key] = str(outcome)
+            log(f"{where}: failed: {outcome}")
+            continue
+        write_json(cell_path(out, cell.key), outcome)
+        result.computed.append(cell.key)
+        log(f"{where}: {_brief(outcome)}")
+    result.records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _brief(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"not applicable: {record['error']}"
+    after = record["after"]
+    return (f"CA {after['clean_accuracy']:.3f} ASR {after['attack_success_rate']:.3f} "
+            f"RA {after['robust_accuracy']:.3f} DER {record['der']:.3f} ({record['seconds']:.1f} s)")

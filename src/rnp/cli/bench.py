@@ -1,0 +1,40 @@
+"""``rnp bench GRID.yaml``: the benchmark grid command (a thin layer over :mod:`rnp.bench`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rnp.bench.grid import load_grid
+from rnp.bench.report import write_report
+from rnp.bench.runner import grid_cells, run_grid, cell_path
+from rnp.errors import RnpError
+from rnp.io.files import read_json
+from rnp.utils import resolve_device
+
+
+def bench(args) -> int:
+    grid = load_grid(args.grid)
+    out = Path(args.out or grid.output or Path("bench-results") / grid.name)
+    cache = args.cache or grid.cache or str(out / "models")
+    data_cache = args.cache_dir or grid.data_cache
+    if args.report_only:
+        cells = grid_cells(grid, data_cache)
+        records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
+        if not records:
+            raise RnpError(f"{out}: no finished cell of this grid yet; run it without --report-only")
+        failures = {}
+    else:
+        device = resolve_device(args.device)
+        log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        run = run_grid(grid, out, cache=cache, data_cache=data_cache, executor=args.executor,
+                       device=str(device), threads=args.threads, ray_address=args.ray_address, log=log)
+        records, failures = run.records, run.failures
+        print(f"{len(run.computed)} cells computed, {len(records) - len(run.computed)} reused, "
+              f"{len(failures)} failed, in {run.seconds:.0f} s", file=sys.stderr)
+    text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare)
+    print(text)
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}, cells in {out / 'cells'}", file=sys.stderr)
+    for key, message in failures.items():
+        print(f"rnp: cell {key} failed: {message}", file=sys.stderr)
+    return 1 if failures else 0

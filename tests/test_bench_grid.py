@@ -1,0 +1,211 @@
+"""``rnp bench``: a grid runs every cell, trains each subject once, resumes after interruption,
+recomputes only what changed, and reports CSV, Markdown and figures.
+
+The dataset is 90 training and 30 test 16x16 PNG images (3 classes); models have width 4 and
+train for one epoch, so the numbers are meaningless but every path runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnp.bench import cells as cells_module
+from rnp.bench.grid import parse_grid
+from rnp.bench.runner import run_grid
+from rnp.cli.main import main
+from rnp.errors import RnpError
+from rnp.io.runs import load_run
+from rnp.metrics import evaluate_backdoor
+
+from helpers import write_dataset
+from test_cli import _environment  # noqa: F401 (autouse fixture: private cache, one thread)
+
+RNP_FAST = {"unlearn_epochs": 2, "recover_epochs": 3, "batch_size": 16, "recover_lr": 2.0}
+FT_FAST = {"epochs": 1, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), classes=3, n_train=90, n_test=30)
+
+
+def grid_dict(data: Path, **overrides) -> dict:
+    grid = {"name": "tiny", "datasets": {"tiny": str(data)},
+            "models": [{"arch": "preact_resnet18", "width": 4}],
+            "train": {"epochs": 1, "batch_size": 16}, "attacks": ["badnets"], "seeds": [0],
+            "defenses": {"none": {}, "ft": FT_FAST, "rnp": RNP_FAST}, "clean_size": 20,
+            "retuning": {"epochs": [1, 2], "fraction": 0.3, "batch_size": 16}, "curve_images": 10}
+    grid.update(overrides)
+    return grid
+
+
+def write_grid(path: Path, grid: dict) -> Path:
+    path.write_text(json.dumps(grid))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+    """One complete run of the tiny grid: (output folder, model cache, exit code)."""
+    root = tmp_path_factory.mktemp("bench")
+    grid = write_grid(root / "grid.yaml", grid_dict(data))
+    code = main(["bench", str(grid), "--out", str(root / "out"), "--cache", str(root / "models"),
+                 "--device", "cpu", "--quiet", "--compare"])
+    return root / "out", root / "models", code, grid
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+
+
+def test_every_cell_is_recorded_with_what_reruns_it(finished, data):
+    out, cache, code, _ = finished
+    assert code == 0
+    rows = records(out)
+    assert sorted(r["label"]["defense"] for r in rows) == ["ft", "none", "rnp"]
+    for r in rows:
+        assert r["status"] == "ok"
+        cell = r["cell"]
+        assert cell["data_checksum"] and cell["rnp_version"] and cell["subject"]["seed"] == 0
+        assert cell["attack_spec"]["name"] == "badnets" and cell["train_config"]["epochs"] == 1
+        assert len(r["clean_indices"]) == 20 and r["environment"]["device"] == "cpu"
+        assert r["peak_memory_mb"] > 0 and set(r["retuning"]["asr"]) == {"1", "2"}
+    by_defense = {r["label"]["defense"]: r for r in rows}
+    assert by_defense["rnp"]["cell"]["defense_config"]["recover_epochs"] == 3
+    assert by_defense["rnp"]["cell"]["defense_config"]["alpha"] == 0.2  # defaults filled in
+    assert by_defense["none"]["after"] == by_defense["none"]["before"]
+    assert len(list(cache.iterdir())) == 1  # one subject, trained once for three cells
+
+
+def test_record_metrics_are_the_evaluation_of_the_subject(finished):
+    out, _, _, _ = finished
+    record = next(r for r in records(out) if r["label"]["defense"] == "none")
+    run = load_run(record["subject_run"])
+    direct = evaluate_backdoor(run.model, run.data.test, run.triggered_test())
+    assert record["before"] == direct.to_dict()
+
+
+def test_rnp_cell_keeps_masks_and_an_oracle_pruning_curve(finished):
+    out, _, _, _ = finished
+    rnp = next(r for r in records(out) if r["label"]["defense"] == "rnp")["rnp"]
+    assert len(rnp["masks"]) > 0 and all(0 <= m <= 1 for m in rnp["masks"])
+    assert rnp["curve"][0]["threshold"] == 0.0 and "oracle" in rnp["curve_kind"]
+    pruned = [point["pruned"] for point in rnp["curve"]]
+    assert pruned == sorted(pruned) and pruned[-1] > pruned[0]
+    assert rnp["floor_seconds"] > 0 and rnp["floor_ratio"] > 0
+
+
+def test_report_files(finished):
+    out, _, _, _ = finished
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["defense"] for r in rows] == ["none", "ft", "rnp"]  # the grid file's order
+    assert {"ca", "asr", "ra", "der", "seconds", "peak_memory_mb", "retuned_asr_1", "retuned_asr_2"} <= set(rows[0])
+    assert float(rows[2]["seconds_over_rnp"]) == pytest.approx(1.0)
+    text = (out / "results.md").read_text()
+    assert "Means per defense" in text and "ASR after 2 ep." in text and "RNP / floor" in text
+    assert "Published numbers beside ours" in text and "BackdoorBench" in text
+    assert "model: ours preact_resnet18 width 4, theirs preact_resnet18 width 64" in text
+    for figure in ("der.png", "rnp_pruning_curve.png", "rnp_masks.png"):
+        assert (out / figure).stat().st_size > 1000
+
+
+def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_cell(finished, data,
+                                                                                    tmp_path, monkeypatch):
+    out, cache, _, grid_path = finished
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    trained = []
+    monkeypatch.setattr("rnp.bench.subjects.train", lambda *a, **k: trained.append(1) or [])
+    grid = parse_grid(grid_dict(data))
+    again = run_grid(grid, out, cache=cache, log=lambda line: None)
+    assert again.computed == [] and len(again.records) == 3 and not trained
+    changed = parse_grid(grid_dict(data, defenses={"none": {}, "ft": {**FT_FAST, "lr": 0.02}, "rnp": RNP_FAST}))
+    third = run_grid(changed, out, cache=cache, log=lambda line: None)
+    assert len(third.computed) == 1 and not trained  # the subject came from the cache
+    assert [r["label"]["defense"] for r in third.records if r["key"] in third.computed] == ["ft"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")
+            if p.name in before} == before  # finished records are never rewritten
+
+
+def test_an_interrupted_run_keeps_finished_cells_and_no_partial_record(finished, data, tmp_path, monkeypatch):
+    out, cache, _, _ = finished
+    fresh = tmp_path / "out"
+    real = cells_module._defend
+
+    def stop_at_rnp(cell, model, clean):
+        if cell.defense == "rnp":
+            raise KeyboardInterrupt
+        return real(cell, model, clean)
+
+    monkeypatch.setattr(cells_module, "_defend", stop_at_rnp)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(parse_grid(grid_dict(data)), fresh, cache=cache, log=lambda line: None)
+    names = sorted(p.name for p in (fresh / "cells").iterdir())
+    assert len(names) == 2 and all(n.endswith(".json") for n in names)  # no temporary file left
+    monkeypatch.setattr(cells_module, "_defend", real)
+    resumed = run_grid(parse_grid(grid_dict(data)), fresh, cache=cache, log=lambda line: None)
+    assert len(resumed.computed) == 1 and len(resumed.records) == 3
+
+
+def test_a_defense_that_does_not_apply_is_a_finished_cell(data, tmp_path):
+    grid = parse_grid(grid_dict(data, models=[{"arch": "vgg16", "width": 4}], defenses={"clp": {}},
+                                retuning=None))
+    result = run_grid(grid, tmp_path / "out", cache=tmp_path / "models", log=lambda line: None)
+    assert result.records[0]["status"] == "not_applicable" and "BatchNorm" in result.records[0]["error"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"defenses": {"rnp": {"no_such": 1}}}, "no setting 'no_such'"),
+    ({"defenses": {"magic": {}}}, "unknown defense 'magic'"),
+    ({"attacks": ["nope"]}, "unknown attack 'nope'"),
+    ({"poison_rates": [1.5]}, "poisoning rate"),
+    ({"train": {"seed": 3}}, "'train' takes no seed"),
+    ({"models": [{"arch": "resnet18", "depth": 3}]}, "a model is"),
+    ({"retuning": {"epochs": [0]}}, "retuning epochs"),
+    ({"colour": "red"}, "unknown grid key"),
+])
+def test_grid_mistakes_are_one_line_errors(data, change, message):
+    with pytest.raises(RnpError, match=message):
+        parse_grid(grid_dict(data, **change))
+
+
+def test_bench_cli_reports_a_bad_grid_file_on_one_line(tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text("datasets: [unclosed\n")
+    assert main(["bench", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnp: error:") and "not valid YAML" in err and err.count("\n") == 1
+
+
+def test_cells_expand_over_every_axis_and_keys_follow_settings(data):
+    grid = parse_grid(grid_dict(data, attacks=["badnets", {"name": "blend", "alpha": 0.2}],
+                                poison_rates=["default", 0.05], seeds=[0, 1]))
+    cells = grid.cells({"tiny": "abc"})
+    assert len(cells) == 2 * 2 * 2 * 3 and len({c.key for c in cells}) == len(cells)
+    assert {c.subject.label for c in cells} == {"badnets", "badnets@0.05", "blend,alpha=0.2", "blend,alpha=0.2@0.05"}
+    rnp = [c for c in cells if c.defense == "rnp"]
+    assert {c.settings["seed"] for c in rnp} == {0, 1}  # the grid's seed reaches the defense
+    moved = grid.cells({"tiny": "abc"})
+    assert [c.key for c in moved] == [c.key for c in cells]
+    other_data = grid.cells({"tiny": "def"})
+    assert not {c.key for c in other_data} & {c.key for c in cells}
+
+
+def test_ray_executor_gathers_the_same_records(finished, data, tmp_path):
+    ray = pytest.importorskip("ray")
+    out, cache, _, _ = finished
+    local = {r["label"]["defense"]: r for r in records(out)}
+    result = run_grid(parse_grid(grid_dict(data)), tmp_path / "out", cache=cache, executor="ray",
+                      threads=1, log=lambda line: None)
+    assert not ray.is_initialized()  # the executor stops the local instance it started
+    assert len(result.computed) == 3 and not result.failures
+    for record in result.records:
+        same = local[record["label"]["defense"]]
+        assert record["key"] == same["key"]
+        assert record["after"] == same["after"] and record["retuning"] == same["retuning"]
+    torch.set_num_threads(1)

@@ -1,0 +1,117 @@
+"""RNP's cost floor (rnp.bench.cost) and the fast auto pruning rule against a reference."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rnp import RNP
+from rnp.bench.cost import optimisation_floor, rnp_floor_images
+from rnp.defenses import prune_channels
+from rnp.errors import RnpError
+from rnp.metrics import accuracy
+from rnp.training import predict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(batch_size=32, recover_epochs=2, max_prune_fraction=0.2)
+
+
+def counting(model):
+    """A copy of ``model`` that counts the images of every forward pass run with gradients in
+    train mode (the passes the floor stands for); copies of it count into the same list."""
+    model, seen = copy.deepcopy(model), []
+
+    def hook(module, inputs):
+        if module.training and torch.is_grad_enabled():
+            seen.append(len(inputs[0]))
+
+    model.register_forward_pre_hook(hook)
+    return model, seen
+
+
+@pytest.fixture(scope="module")
+def result(synthetic_backdoor):
+    return RNP(**FAST).fit(synthetic_backdoor.model, synthetic_backdoor.clean)
+
+
+def test_floor_images_are_each_unlearning_steps_batch_plus_recover_epochs():
+    steps = [{"epoch": 1}, {"epoch": 1}, {"epoch": 1}, {"epoch": 2}]
+    fake = SimpleNamespace(report={"clean_images": 300, "unlearning": {"per_step": steps},
+                                   "config": {"batch_size": 128, "recover_epochs": 4}})
+    assert rnp_floor_images(fake) == 128 + 128 + 44 + 128 + 4 * 300
+
+
+def test_floor_images_equal_the_images_rnp_trains_on(synthetic_backdoor):
+    model, seen = counting(synthetic_backdoor.model)
+    result = RNP(**{**FAST, "batch_size": 64}, clean_threshold=0.1).fit(model, synthetic_backdoor.clean)
+    assert result.report["unlearning"]["epochs"] > 1  # so some step took an epoch's last 8 images
+    assert rnp_floor_images(result) == sum(seen)
+
+
+def test_floor_trains_exactly_the_images_asked_for_on_a_copy(synthetic_backdoor):
+    model, seen = counting(synthetic_backdoor.model)
+    model.eval()
+    frozen = next(model.parameters()).requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    seconds = optimisation_floor(model, synthetic_backdoor.clean, images=450, batch_size=64)
+    assert seconds > 0
+    assert seen == [64] + [64, 64, 64, 8] * 2 + [50]  # warm-up, then 450 images in 200-image epochs
+    assert not model.training and not frozen.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_floor_refuses_a_nonpositive_image_count(synthetic_backdoor):
+    with pytest.raises(RnpError, match="positive"):
+        optimisation_floor(synthetic_backdoor.model, synthetic_backdoor.clean, images=0)
+
+
+def reference_auto_count(original, clean, scores, order, tolerance, max_fraction):
+    """The auto rule written plainly: a fresh pruned copy and a full predict per candidate."""
+    def clean_accuracy(count):
+        model = prune_channels(copy.deepcopy(original), scores, order[:count])
+        return accuracy(predict(model, clean), clean.labels)
+
+    base = clean_accuracy(0)
+    low, high, evaluated = 0, max(1, int(max_fraction * len(scores))), {0: base}
+    while low < high:
+        middle = (low + high + 1) // 2
+        evaluated[middle] = clean_accuracy(middle)
+        low, high = (middle, high) if evaluated[middle] >= base - tolerance else (low, middle - 1)
+    return low, evaluated
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.02, 0.1])
+def test_auto_rule_chooses_what_the_reference_chooses_and_restores_the_model(result, synthetic_backdoor,
+                                                                            tolerance):
+    clean, scores, order = synthetic_backdoor.clean, result.masks, result.artifacts["order"]
+    original = result.artifacts["original_model"]
+    before = copy.deepcopy(original.state_dict())
+    defense = RNP(**{**FAST, "tolerance": tolerance})
+    count, selection = defense.choose_pruning(original, clean, scores, order, "cpu")
+    expected, evaluated = reference_auto_count(original, clean, scores, order, tolerance, 0.2)
+    assert count == expected
+    assert selection["evaluated"] == {str(k): v for k, v in sorted(evaluated.items())}
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+
+
+def test_fit_prunes_the_reference_count_in_the_original(result, synthetic_backdoor):
+    scores, order = result.masks, result.artifacts["order"]
+    count, _ = reference_auto_count(result.artifacts["original_model"], synthetic_backdoor.clean,
+                                    scores, order, 0.02, 0.2)
+    assert result.report["pruning"]["pruned"] == count > 0
+    expected = prune_channels(copy.deepcopy(synthetic_backdoor.model), scores, order[:count])
+    assert all(torch.equal(expected.state_dict()[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_channels_last_trains_in_that_layout_and_leaves_the_pruned_model_in_the_callers(synthetic_backdoor):
+    result = RNP(**FAST, channels_last=True).fit(synthetic_backdoor.model, synthetic_backdoor.clean)
+
+    def filters(model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in filters(result.unlearned_model))
+    assert all(w.is_contiguous() for w in filters(result.model))
