@@ -79,7 +79,9 @@ def test_every_cell_is_recorded_with_what_reruns_it(finished, data):
     assert by_defense["rnp"]["cell"]["defense_config"]["recover_epochs"] == 3
     assert by_defense["rnp"]["cell"]["defense_config"]["alpha"] == 0.2  # defaults filled in
     assert by_defense["none"]["after"] == by_defense["none"]["before"]
-    assert len(list(cache.iterdir())) == 1  # one subject, trained once for three cells
+    assert set(by_defense["none"]["retuning"]["control_asr"]) == {"1", "2"}  # the clean twin, re-tuned
+    assert "control_asr" not in by_defense["rnp"]["retuning"]
+    assert len(list(cache.iterdir())) == 2  # the subject (trained once for three cells) and its clean twin
 
 
 def test_record_metrics_are_the_evaluation_of_the_subject(finished):
@@ -109,8 +111,10 @@ def test_report_files(finished):
     assert float(rows[2]["seconds_over_rnp"]) == pytest.approx(1.0)
     text = (out / "results.md").read_text()
     assert "Means per defense" in text and "ASR after 2 ep." in text and "RNP / floor" in text
+    assert "| clean model (re-tuning control) | 1 |" in text
     assert "Published numbers beside ours" in text and "BackdoorBench" in text
     assert "model: ours preact_resnet18 width 4, theirs preact_resnet18 width 64" in text
+    assert "| rnp | badnets |" in text and "| ft | badnets |" in text and "[b] official RNP log" in text
     for figure in ("der.png", "rnp_pruning_curve.png", "rnp_masks.png"):
         assert (out / figure).stat().st_size > 1000
 
@@ -194,6 +198,16 @@ def test_cells_expand_over_every_axis_and_keys_follow_settings(data):
     assert [c.key for c in moved] == [c.key for c in cells]
     other_data = grid.cells({"tiny": "def"})
     assert not {c.key for c in other_data} & {c.key for c in cells}
+
+
+def test_one_defense_under_several_settings_is_several_named_rows(data):
+    grid = parse_grid(grid_dict(data, defenses={"rnp": RNP_FAST, "rnp (paper)": {"defense": "rnp", **RNP_FAST,
+                                                                                 "prune_rule": "threshold"}}))
+    plain, paper = grid.cells({"tiny": "abc"})
+    assert (plain.defense, plain.name, paper.defense, paper.name) == ("rnp", "rnp", "rnp", "rnp (paper)")
+    assert paper.settings["prune_rule"] == "threshold" and plain.key != paper.key
+    with pytest.raises(RnpError, match="unknown defense 'rpn'"):
+        parse_grid(grid_dict(data, defenses={"mine": {"defense": "rpn"}}))
 
 
 def test_ray_executor_gathers_the_same_records(finished, data, tmp_path):

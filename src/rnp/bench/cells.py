@@ -42,9 +42,10 @@ def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = No
     return str(run_dir)
 
 
-def run_cell(cell: Cell, run_dir: str, *, data_cache: str | None = None, device="cpu",
-             threads: int | None = None) -> dict:
-    """Defends the cell's subject and returns the cell's record."""
+def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_cache: str | None = None,
+             device="cpu", threads: int | None = None) -> dict:
+    """Defends the cell's subject and returns the cell's record. ``control_dir`` is the run of
+    the cell's clean control subject (:attr:`Cell.control`), re-tuned beside the defended model."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -74,7 +75,8 @@ def run_cell(cell: Cell, run_dir: str, *, data_cache: str | None = None, device=
                                    batch_size=result.report["config"]["batch_size"], device=device)
         record["rnp"].update(floor_seconds=floor, floor_ratio=seconds / floor)
     if cell.retuning is not None:
-        record["retuning"] = _retuning(cell, result.model, subject)
+        control = load_run(control_dir, cache_dir=data_cache).model.to(device) if control_dir else None
+        record["retuning"] = _retuning(cell, result.model, subject, control)
     return record
 
 
@@ -121,8 +123,9 @@ def _rnp_details(cell: Cell, result, subject: dict, device) -> dict:
     return details
 
 
-def _retuning(cell: Cell, model, subject: dict) -> dict:
-    """ASR after each retuning epoch, or why the measurement does not apply."""
+def _retuning(cell: Cell, model, subject: dict, control=None) -> dict:
+    """ASR after each retuning epoch, or why the measurement does not apply; with a ``control``
+    model (clean), its ASR after the same retuning too."""
     config = copy.copy(cell.retuning)
     config.seed = cell.subject.seed
     cache = subject["poisoned_train"]
@@ -135,7 +138,10 @@ def _retuning(cell: Cell, model, subject: dict) -> dict:
     except RnpError as error:
         return {"error": str(error)}
     asr = retune(model, data, subject["triggered"], config)
-    return {"asr": {str(k): v for k, v in asr.items()}, "images": len(data), "poisoned": poisoned}
+    result = {"asr": {str(k): v for k, v in asr.items()}, "images": len(data), "poisoned": poisoned}
+    if control is not None:
+        result["control_asr"] = {str(k): v for k, v in retune(control, data, subject["triggered"], config).items()}
+    return result
 
 
 def report_summary(report: dict) -> dict:
@@ -153,7 +159,7 @@ def _labels(cell: Cell) -> dict:
     """The short names the tables print."""
     subject = cell.subject
     return {"dataset": subject.dataset, "model": f"{subject.arch}-w{subject.width}",
-            "attack": subject.label, "seed": subject.seed, "defense": cell.defense}
+            "attack": subject.label, "seed": subject.seed, "defense": cell.name or cell.defense}
 
 
 def _environment(device) -> dict:

@@ -1,7 +1,8 @@
 """Where a grid's cells run: in this process, or as tasks on a Ray cluster.
 
 An executor takes the cells to compute and two picklable functions, ``prepare(subject) ->
-run_dir`` (find or train the backdoored model) and ``execute(cell, run_dir) -> record``, and
+run_dir`` (find or train the backdoored model) and ``execute(cell, run_dir[, control_dir]) ->
+record`` (``control_dir``: the cell's clean control subject, when it has one), and
 yields ``(cell, record)`` as cells finish, or ``(cell, error)`` for a cell that failed with an
 input error (:class:`RnpError`). The caller writes the records, so results are gathered the same
 way whichever executor ran them. Anything else (a bug, Ctrl-C) stops the run; finished cells
@@ -24,20 +25,25 @@ class LocalExecutor:
     name = "local"
 
     def run(self, cells: list[Cell], prepare: Callable[[Subject], str],
-            execute: Callable[[Cell, str], dict]) -> Iterator[Outcome]:
+            execute: Callable[..., dict]) -> Iterator[Outcome]:
         run_dirs: dict[str, str | RnpError] = {}
-        for cell in cells:
-            key = cell.subject.key
-            if key not in run_dirs:
+
+        def run_dir(subject: Subject) -> str | RnpError:
+            if subject.key not in run_dirs:
                 try:
-                    run_dirs[key] = prepare(cell.subject)
+                    run_dirs[subject.key] = prepare(subject)
                 except RnpError as error:
-                    run_dirs[key] = error
-            if isinstance(run_dirs[key], RnpError):
-                yield cell, run_dirs[key]
+                    run_dirs[subject.key] = error
+            return run_dirs[subject.key]
+
+        for cell in cells:
+            dirs = [run_dir(subject) for subject in _subjects(cell)]
+            failed = next((d for d in dirs if isinstance(d, RnpError)), None)
+            if failed is not None:
+                yield cell, failed
                 continue
             try:
-                yield cell, execute(cell, run_dirs[key])
+                yield cell, execute(cell, *dirs)
             except RnpError as error:
                 yield cell, error
 
@@ -57,7 +63,7 @@ class RayExecutor:
         self.address, self.cpus, self.gpus = address, cpus, gpus
 
     def run(self, cells: list[Cell], prepare: Callable[[Subject], str],
-            execute: Callable[[Cell, str], dict]) -> Iterator[Outcome]:
+            execute: Callable[..., dict]) -> Iterator[Outcome]:
         try:
             import ray
         except ImportError:
@@ -70,9 +76,10 @@ class RayExecutor:
             task = ray.remote(**options)(_call)
             subjects, pending = {}, {}
             for cell in cells:
-                if cell.subject.key not in subjects:
-                    subjects[cell.subject.key] = task.remote(prepare, cell.subject)
-                pending[task.remote(execute, cell, subjects[cell.subject.key])] = cell
+                for subject in _subjects(cell):
+                    if subject.key not in subjects:
+                        subjects[subject.key] = task.remote(prepare, subject)
+                pending[task.remote(execute, cell, *[subjects[s.key] for s in _subjects(cell)])] = cell
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 cell = pending.pop(done[0])
@@ -83,6 +90,11 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _subjects(cell: Cell) -> list[Subject]:
+    """The subjects a cell needs prepared: its own, then its control's if it has one."""
+    return [cell.subject] + ([cell.control] if cell.control is not None else [])
 
 
 def _call(function, *args):

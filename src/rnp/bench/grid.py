@@ -43,6 +43,9 @@ from rnp.training import TrainConfig
 NO_DEFENSE = "none"
 """The pseudo-defense that returns the model unchanged: the row every other is compared to."""
 
+NO_ATTACK = "none"
+"""The attack name of a clean subject (the re-tuning attack's control)."""
+
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
              "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output"}
 
@@ -63,6 +66,9 @@ class Subject:
     reduced: bool = True
 
     def build_attack(self):
+        """The attack, or None for a clean subject (attack "none")."""
+        if self.attack == NO_ATTACK:
+            return None
         params = dict(self.attack_params, seed=self.seed)
         if self.poison_rate is not None:
             params["poison_rate"] = self.poison_rate
@@ -75,6 +81,10 @@ class Subject:
     def key(self) -> str:
         """A string naming the subject (its fields hold dicts, so it is not hashable itself)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def clean_twin(self) -> "Subject":
+        """The same model trained the same way on the same data without the attack."""
+        return dataclasses.replace(self, attack=NO_ATTACK, attack_params={}, poison_rate=None)
 
     @property
     def label(self) -> str:
@@ -94,7 +104,17 @@ class Cell:
     retuning: RetuningConfig | None
     curve_images: int
     data_checksum: str
+    name: str = ""
     key: str = ""
+
+    @property
+    def control(self) -> Subject | None:
+        """The clean subject the undefended cell also re-tunes, as the re-tuning attack's
+        control (how far a model that never had the backdoor learns it from the same few
+        poisoned samples)."""
+        if self.defense == NO_DEFENSE and self.retuning is not None:
+            return self.subject.clean_twin()
+        return None
 
     def describe(self) -> dict:
         """Everything that shapes the result, as JSON-ready data (hashed into the key). The
@@ -109,7 +129,8 @@ class Cell:
                 "defense_config": config_dict(config) if config is not None else {},
                 "clean_size": self.clean_size,
                 "retuning": config_dict(self.retuning) if self.retuning else None,
-                "curve_images": self.curve_images if self.defense == "rnp" else 0}
+                "curve_images": self.curve_images if self.defense == "rnp" else 0,
+                **({"name": self.name} if self.name and self.name != self.defense else {})}
 
 
 @dataclass
@@ -120,7 +141,7 @@ class Grid:
     datasets: dict[str, str]
     models: list[dict]
     attacks: list[tuple[str, dict]]
-    defenses: dict[str, dict]
+    defenses: dict[str, tuple[str, dict]]
     train: dict = field(default_factory=dict)
     poison_rates: list[float | None] = field(default_factory=lambda: [None])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -143,11 +164,11 @@ class Grid:
         ``checksums`` maps each dataset name to its data checksum."""
         cells = []
         for subject in self.subjects():
-            for defense, settings in self.defenses.items():
+            for name, (defense, settings) in self.defenses.items():
                 if defense != NO_DEFENSE and "seed" in _fields(defense):
                     settings = {"seed": subject.seed, **settings}
                 cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
-                            self.curve_images, checksums[subject.dataset])
+                            self.curve_images, checksums[subject.dataset], name)
                 cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
@@ -210,22 +231,26 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         cache=raw.get("cache"), data_cache=raw.get("data_cache"), output=raw.get("output"))
 
 
-def _defenses(raw) -> dict[str, dict]:
+def _defenses(raw) -> dict[str, tuple[str, dict]]:
+    """Row name -> (defense, settings). A row is named after its defense, or carries
+    ``defense: NAME`` among its settings to run one defense under several settings."""
     if isinstance(raw, list):
         raw = {name: {} for name in raw}
     raw = _mapping(raw, "defenses")
     known = [NO_DEFENSE, *DEFENSES]
     result = {}
     for name, settings in raw.items():
-        if name not in known:
-            raise RnpError(f"unknown defense {name!r}; choose from {', '.join(known)}")
-        settings = _mapping(settings or {}, f"defenses.{name}")
-        if name == NO_DEFENSE and settings:
+        settings = dict(_mapping(settings or {}, f"defenses.{name}"))
+        defense = settings.pop("defense", name)
+        if defense not in known:
+            raise RnpError(f"unknown defense {defense!r}; choose from {', '.join(known)} "
+                           "(a row with another name says which with 'defense: NAME')")
+        if defense == NO_DEFENSE and settings:
             raise RnpError("the 'none' defense takes no settings")
-        if name != NO_DEFENSE:
-            DEFENSES[name].check_settings(settings)
-            DEFENSES[name](**settings)  # validates the values now, not hours into the run
-        result[name] = settings
+        if defense != NO_DEFENSE:
+            DEFENSES[defense].check_settings(settings)
+            DEFENSES[defense](**settings)  # validates the values now, not hours into the run
+        result[str(name)] = (defense, settings)
     return result
 
 

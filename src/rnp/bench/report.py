@@ -141,6 +141,11 @@ def means_table(records: list[dict], epochs: list[str]) -> str:
                      + f" | {_pct(mean([r['der'] for r in rows]))} | {mean([r['seconds'] for r in rows]):.1f} | "
                      f"{ratio} | {mean([r['peak_memory_mb'] for r in rows]):.0f} |"
                      + "".join(f" {a} |" for a in asr))
+    controls = [r["retuning"]["control_asr"] for r in _ok(records) if "control_asr" in r.get("retuning", {})]
+    if controls:
+        asr = [_pct(statistics.mean(c[e] for c in controls if e in c)) for e in epochs]
+        lines.append(f"| clean model (re-tuning control) | {len(controls)} | - | - | - | - | - | - | - |"
+                     + "".join(f" {a} |" for a in asr))
     return "\n".join(lines)
 
 
@@ -161,27 +166,31 @@ def cost_table(records: list[dict]) -> str:
 
 
 def compare_table(records: list[dict]) -> str:
-    """Our mean CA / ASR beside every published cell with the same defense and attack, and
-    what differs between the two settings."""
+    """Our mean CA / ASR beside every published cell with the same defense and attack. What
+    differs between the two settings is listed once under the table and referenced by letter."""
     ours = defaultdict(list)
     for r in _ok(records):
         ours[(r["label"]["defense"], r["cell"]["subject"]["attack"])].append(r)
-    lines = ["Published numbers beside ours (CA / ASR, %):", "",
-             "| defense | attack | ours | published | source | what differs |", "|---|---|---|---|---|---|"]
+    rows, notes = [], {}
     for source in SOURCES:
         for defense, cells in source["cells"].items():
             for attack, (ca, asr) in cells.items():
-                rows = ours.get((defense, attack))
-                if not rows:
+                matching = ours.get((defense, attack))
+                if not matching:
                     continue
-                mean_ca = statistics.mean(r["after"]["clean_accuracy"] for r in rows)
-                mean_asr = statistics.mean(r["after"]["attack_success_rate"] for r in rows)
-                note = source["notes"].get(defense)
-                differs = _differences(rows[0], source["setting"]) + (f"; {note}" if note else "")
-                lines.append(f"| {defense} | {attack} | {_pct(mean_ca)} / {_pct(mean_asr)} | {ca:.1f} / {asr:.1f} | "
-                             f"{source['source']} | {differs} |")
-    if len(lines) == 4:
-        lines.append("| - | - | - | - | no published cell matches this grid's defenses and attacks | - |")
+                metric = source["setting"].get("ca_metric", "clean_accuracy")
+                mean_ca = statistics.mean(r["after"][metric] for r in matching)
+                mean_asr = statistics.mean(r["after"]["attack_success_rate"] for r in matching)
+                differs = f"{source['source']}: " + _differences(matching[0], source["setting"])
+                letter = notes.setdefault(differs, chr(ord("a") + len(notes)))
+                extra = source["notes"].get(defense)
+                rows.append(f"| {defense} | {attack} | {_pct(mean_ca)} / {_pct(mean_asr)} | {ca:.1f} / {asr:.1f} | "
+                            f"[{letter}]{f' {extra}' if extra else ''} |")
+    lines = ["Published numbers beside ours (CA / ASR after the defense, %):", "",
+             "| defense | attack | ours | published | source and what differs |", "|---|---|---|---|---|"]
+    if not rows:
+        return "\n".join(lines + ["| - | - | - | - | no published cell matches this grid's defenses and attacks |"])
+    lines += rows + [""] + [f"[{letter}] {text}" for text, letter in notes.items()]
     return "\n".join(lines)
 
 
@@ -198,9 +207,11 @@ def _differences(record: dict, setting: dict) -> str:
         parts.append(f"poisoning: ours {100 * rate:g}%, theirs 10%")
     epochs = record["cell"]["train_config"]["epochs"]
     parts.append(f"epochs: ours {epochs}" + (f", theirs {setting['epochs']}" if "epochs" in setting else ""))
-    parts.append(f"clean set: ours {record['cell']['clean_size']} images, theirs {setting['clean_set']}")
-    if "ca" in setting:
-        parts.append(f"theirs: {setting['ca']}")
+    ours = f"{record['cell']['clean_size']} images"
+    if ours != setting["clean_set"]:
+        parts.append(f"clean set: ours {ours}, theirs {setting['clean_set']}")
+    if setting.get("ca_metric") == "clean_accuracy_non_target":
+        parts.append("CA of both on the 9,000 non-target test images")
     return "; ".join(parts)
 
 

@@ -58,13 +58,17 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         f"({executor} executor)")
     if executor not in EXECUTORS:
         raise RnpError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
-    runner = EXECUTORS[executor](ray_address) if executor == "ray" else EXECUTORS[executor]()
+    if executor == "ray":  # one core per task unless told otherwise, and the GPU when cells use one
+        threads = threads or 1
+        runner = EXECUTORS[executor](ray_address, cpus=threads, gpus=1 if device.startswith("cuda") else 0)
+    else:
+        runner = EXECUTORS[executor]()
     prepare = functools.partial(prepare_subject, cache=str(cache), data_cache=data_cache, device=device,
                                 progress=executor == "local", log=log)
     execute = functools.partial(run_cell, data_cache=data_cache, device=device, threads=threads)
     result = GridRun(records=[])
     for number, (cell, outcome) in enumerate(runner.run(todo, prepare, execute), start=1):
-        where = f"[{number}/{len(todo)}] {cell.subject.label} / {cell.defense}"
+        where = f"[{number}/{len(todo)}] {cell.subject.label} / {cell.name or cell.defense}"
         if isinstance(outcome, RnpError):
             result.failures[cell.key] = str(outcome)
             log(f"{where}: failed: {outcome}")
