@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rnp.bench import cells as cells_module
+from rnp.bench.executors import LocalExecutor, RayExecutor
 from rnp.bench.grid import parse_grid
 from rnp.bench.runner import run_grid
 from rnp.cli.main import main
@@ -223,3 +224,31 @@ def test_ray_executor_gathers_the_same_records(finished, data, tmp_path):
         assert record["key"] == same["key"]
         assert record["after"] == same["after"] and record["retuning"] == same["retuning"]
     torch.set_num_threads(1)
+
+
+def _prepare_all_but_blend(subject):
+    """A stand-in for training: blend's subject fails with an input error."""
+    if subject.attack == "blend":
+        raise RnpError("cannot train blend here")
+    return f"dir-{subject.attack}"
+
+
+def _describe_call(cell, run_dir, control_dir=None):
+    return {"defense": cell.defense, "run_dir": run_dir, "control": control_dir}
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_executors_fail_only_the_cells_of_a_failed_subject(data, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    grid = parse_grid(grid_dict(data, attacks=["badnets", "blend"], defenses={"none": {}, "ft": FT_FAST}))
+    runner = LocalExecutor() if executor == "local" else RayExecutor(cpus=1)
+    outcomes = {(c.subject.attack, c.defense): outcome
+                for c, outcome in runner.run(grid.cells({"tiny": "x"}), _prepare_all_but_blend, _describe_call)}
+    assert len(outcomes) == 4
+    for defense in ("none", "ft"):
+        assert isinstance(outcomes[("blend", defense)], RnpError)
+        assert str(outcomes[("blend", defense)]) == "cannot train blend here"
+    assert outcomes[("badnets", "none")] == {"defense": "none", "run_dir": "dir-badnets", "control": "dir-none"}
+    assert outcomes[("badnets", "ft")] == {"defense": "ft", "run_dir": "dir-badnets", "control": None}
+

@@ -11,6 +11,8 @@ are already on disk and a rerun resumes.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Iterator
 
 from rnp.bench.grid import Cell, Subject
@@ -86,7 +88,8 @@ class RayExecutor:
                 try:
                     yield cell, ray.get(done[0])
                 except RnpError as error:  # Ray re-raises a task's error as a subclass of its type
-                    yield cell, RnpError(str(error).strip().splitlines()[-1])
+                    last_line = str(error).strip().splitlines()[-1]
+                    yield cell, RnpError(re.sub(r"^[\w.]*RnpError: ", "", last_line))
         finally:
             if started:
                 ray.shutdown()
