@@ -61,6 +61,9 @@ def test_side_by_side_concatenates_and_adds_a_title_band():
     titled = side_by_side([left, right], title="both")
     assert titled.width == 70 and titled.height > 50
     assert where(titled, (255, 0, 0)).sum() == 30 * 20
+    stacked = side_by_side([left, right, left], columns=2)
+    assert stacked.size == (70, 50 + 20)  # rows of two: the third panel starts a second row
+    assert stacked.getpixel((0, 50)) == (255, 0, 0) and stacked.getpixel((30, 50)) == (255, 255, 255)
 
 
 def test_highlighted_bar_is_drawn_in_the_accent_colour():

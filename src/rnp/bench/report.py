@@ -230,7 +230,7 @@ def figures(records: list[dict]) -> dict:
             panels.append(bar_chart([statistics.mean(v) for v in by_defense.values()], list(by_defense),
                                     title=f"DER per defense: {attack}", ylabel="DER (%)", reference=50.0))
     if panels:
-        images["der.png"] = side_by_side(panels)
+        images["der.png"] = side_by_side(panels, columns=3)
     rnp = [r for r in ok if r["label"]["defense"] == "rnp"]
     curves = [r for r in rnp if r["rnp"].get("curve")]
     if curves:
@@ -240,7 +240,7 @@ def figures(records: list[dict]) -> dict:
                        x=[p["threshold"] for p in r["rnp"]["curve"]],
                        title=f"RNP pruning curve: {_name(r, curves)} (oracle analysis)",
                        xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset")
-            for r in curves])
+            for r in curves], columns=3)
     if rnp:
         images["rnp_masks.png"] = histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
                                              title="RNP mask values", xlabel="mask value")

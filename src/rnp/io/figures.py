@@ -371,16 +371,23 @@ def _to_image(tensor: torch.Tensor, caption: str) -> Image.Image:
     return Image.frombytes("RGB", (pixels.shape[2], pixels.shape[1]), rows)
 
 
-def side_by_side(panels: Sequence[Image.Image], *, title: str | None = None) -> Image.Image:
-    """Places figures left to right, top-aligned, under an optional common title."""
+def side_by_side(panels: Sequence[Image.Image], *, title: str | None = None,
+                 columns: int | None = None) -> Image.Image:
+    """Places figures left to right, top-aligned, under an optional common title; with
+    ``columns``, in rows of that many (e.g. one chart per attack of a benchmark grid)."""
     if not panels:
         raise RnpError("side_by_side: no panels")
-    image, top = _canvas(sum(panel.width for panel in panels),
-                         max(panel.height for panel in panels), title)
-    x = 0
-    for panel in panels:
-        image.paste(panel.convert("RGB"), (x, top))
-        x += panel.width
+    columns = len(panels) if columns is None else columns
+    _check_positive_int(columns, "side_by_side: columns")
+    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    heights = [max(panel.height for panel in row) for row in rows]
+    image, top = _canvas(max(sum(panel.width for panel in row) for row in rows), sum(heights), title)
+    for row, height in zip(rows, heights):
+        x = 0
+        for panel in row:
+            image.paste(panel.convert("RGB"), (x, top))
+            x += panel.width
+        top += height
     return image
 
 
