@@ -226,25 +226,24 @@ def test_ray_executor_gathers_the_same_records(finished, data, tmp_path):
     torch.set_num_threads(1)
 
 
-def _prepare_all_but_blend(subject):
-    """A stand-in for training: blend's subject fails with an input error."""
-    if subject.attack == "blend":
-        raise RnpError("cannot train blend here")
-    return f"dir-{subject.attack}"
-
-
-def _describe_call(cell, run_dir, control_dir=None):
-    return {"defense": cell.defense, "run_dir": run_dir, "control": control_dir}
-
-
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_executors_fail_only_the_cells_of_a_failed_subject(data, executor):
     if executor == "ray":
         pytest.importorskip("ray")
+
+    def prepare_all_but_blend(subject):  # local, so Ray ships it by value, not by module name
+        """A stand-in for training: blend's subject fails with an input error."""
+        if subject.attack == "blend":
+            raise RnpError("cannot train blend here")
+        return f"dir-{subject.attack}"
+
+    def describe_call(cell, run_dir, control_dir=None):
+        return {"defense": cell.defense, "run_dir": run_dir, "control": control_dir}
+
     grid = parse_grid(grid_dict(data, attacks=["badnets", "blend"], defenses={"none": {}, "ft": FT_FAST}))
     runner = LocalExecutor() if executor == "local" else RayExecutor(cpus=1)
     outcomes = {(c.subject.attack, c.defense): outcome
-                for c, outcome in runner.run(grid.cells({"tiny": "x"}), _prepare_all_but_blend, _describe_call)}
+                for c, outcome in runner.run(grid.cells({"tiny": "x"}), prepare_all_but_blend, describe_call)}
     assert len(outcomes) == 4
     for defense in ("none", "ft"):
         assert isinstance(outcomes[("blend", defense)], RnpError)
