@@ -26,7 +26,7 @@ from rnp.defenses import DEFENSES, DefenseResult
 from rnp.defenses.rnp import threshold_sweep
 from rnp.errors import RnpError
 from rnp.io.files import read_json
-from rnp.io.runs import METRICS_FILE, load_run
+from rnp.io.runs import METRICS_FILE, MODEL_FILE, load_model, load_run, read_run_info
 from rnp.metrics import BackdoorMetrics, der, evaluate_backdoor
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
@@ -75,7 +75,7 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
                                    batch_size=result.report["config"]["batch_size"], device=device)
         record["rnp"].update(floor_seconds=floor, floor_ratio=seconds / floor)
     if cell.retuning is not None:
-        control = load_run(control_dir, cache_dir=data_cache).model.to(device) if control_dir else None
+        control = _load_model(control_dir).to(device) if control_dir else None
         record["retuning"] = _retuning(cell, result.model, subject, control)
     return record
 
@@ -84,6 +84,11 @@ def _defend(cell: Cell, model, clean) -> DefenseResult:
     if cell.defense == NO_DEFENSE:
         return DefenseResult(model, {"method": NO_DEFENSE})
     return DEFENSES[cell.defense](**cell.settings).fit(model, clean)
+
+
+def _load_model(run_dir: str):
+    """A run folder's model alone (the control's data is the cell's subject's, already loaded)."""
+    return load_model(read_run_info(run_dir)["model"], f"{run_dir}/{MODEL_FILE}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -290,7 +290,8 @@ class RNP(RemovalDefense):
 def threshold_sweep(result: DefenseResult, evaluate, thresholds=SWEEP_THRESHOLDS) -> list[dict]:
     """Prunes the original model at each mask threshold and calls ``evaluate(model) -> dict``.
 
-    Each distinct pruned count is evaluated once. With the defender's clean set this is a
+    Each distinct pruned count is evaluated once, on the original model pruned in place and
+    restored afterwards (``evaluate`` must not keep the model it is given). With the defender's clean set this is a
     defender-side view of the trade-off; with test data and triggered test images it is an
     ORACLE ANALYSIS (the CLI's ``--oracle-sweep``), which a defender cannot run and which must
     never choose the operating point.
@@ -300,7 +301,8 @@ def threshold_sweep(result: DefenseResult, evaluate, thresholds=SWEEP_THRESHOLDS
     for threshold in thresholds:
         count = int((scores.values <= threshold).sum())
         if count not in cache:
-            cache[count] = evaluate(prune_channels(copy.deepcopy(original), scores, order[:count]))
+            with channels_pruned(original, scores, order[:count]) as pruned:
+                cache[count] = evaluate(pruned)
         rows.append({"threshold": threshold, "pruned": count, **cache[count]})
     return rows
 
