@@ -1,12 +1,16 @@
-"""Small helpers shared across rnp: seeding, progress bars, devices and dataclass records."""
+"""Small helpers shared across rnp: seeding, progress bars, devices, and configs' checks and records."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import math
+import numbers
 import random
 import sys
+import typing
 
 import numpy as np
 import torch
@@ -93,6 +97,70 @@ def amp_dtype(device: torch.device | str) -> torch.dtype:
     tensor cores and :class:`torch.amp.GradScaler` are made for), bfloat16 elsewhere (the type
     CPU autocast supports; its float32 exponent range needs no loss scaling, which is harmless)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
+def fits_seed(value: int) -> bool:
+    """Whether ``value`` is a seed ``torch.manual_seed`` takes (it raises ValueError otherwise)."""
+    return -2**63 <= value < 2**64
+
+
+# Ranges that config fields get from their names: a field named ``NAME`` or ``..._NAME`` for a
+# NAME below. A field whose metadata holds ``own_range`` skips these; its config checks it.
+_NAMED_RANGES = (
+    (("lr", "gamma"), lambda v: v > 0, "positive"),
+    (("epochs", "batch_size", "iterations", "rounds"), lambda v: v >= 1, "at least 1"),
+    (("fraction",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("momentum",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("weight_decay", "penalty"), lambda v: v >= 0, "at least 0"),
+    (("seed",), fits_seed, "a 64-bit integer"),
+)
+
+
+def check_config(config) -> None:
+    """RnpError unless every field of the dataclass ``config`` fits its annotation and its name.
+
+    The checks every config shares, called first in each config's ``__post_init__``, which
+    then checks only what is its own. Types: a bool is True or False, an int an integer, a float
+    a finite number, a str a string, a tuple a list or tuple of such values. Ranges by name: see
+    ``_NAMED_RANGES`` (learning rates positive, epochs and batch sizes at least 1, fractions in
+    [0, 1], momenta in [0, 1), weight decays at least 0).
+    """
+    hints = _type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        _check_type(spec.name, value, hints.get(spec.name))
+        if spec.metadata.get("own_range"):
+            continue
+        for endings, test, wording in _NAMED_RANGES:
+            if any(spec.name == end or spec.name.endswith("_" + end) for end in endings) and not test(value):
+                raise RnpError(f"{spec.name} must be {wording}, got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(name: str, value, kind) -> None:
+    """RnpError unless ``value`` is of ``kind`` (bool, int, float, str or a tuple of them; other
+    annotations are not checked). Floats must be finite; bools are not numbers here."""
+    if typing.get_origin(kind) is tuple:
+        elements = typing.get_args(kind)
+        if not isinstance(value, (tuple, list)):
+            raise RnpError(f"{name} must be a list of values, got {value!r}")
+        if elements and elements[-1] is not Ellipsis and len(value) != len(elements):
+            raise RnpError(f"{name} must hold {len(elements)} values, got {value!r}")
+        for item in value:
+            _check_type(name, item, elements[0] if elements else None)
+        return
+    valid = {bool: lambda v: isinstance(v, (bool, np.bool_)),
+             int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)),
+             float: lambda v: (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                               and math.isfinite(v)),
+             str: lambda v: isinstance(v, str)}.get(kind)
+    if valid is not None and not valid(value):
+        wanted = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
+        raise RnpError(f"{name} must be {wanted[kind]}, got {value!r}")
 
 
 def config_record(config) -> dict:

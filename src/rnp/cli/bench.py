@@ -9,13 +9,14 @@ from rnp.bench.grid import load_grid
 from rnp.bench.report import write_report
 from rnp.bench.runner import grid_cells, run_grid, cell_path
 from rnp.errors import RnpError
-from rnp.io.files import read_json
+from rnp.io.files import check_output_path, read_json
 from rnp.utils import resolve_device
 
 
 def bench(args) -> int:
     grid = load_grid(args.grid)
-    out = Path(args.out or grid.output or Path("bench-results") / grid.name)
+    out = check_output_path(args.out or grid.output or Path("bench-results") / grid.name, [args.grid],
+                            folder=True)
     cache = args.cache or grid.cache or str(out / "models")
     data_cache = args.cache_dir or grid.data_cache
     if args.report_only:

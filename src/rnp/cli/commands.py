@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import types
 import typing
@@ -20,12 +22,13 @@ from rnp.data.clean_subset import select_clean_subset
 from rnp.data.demo import DEMO_DATASET_PATH
 from rnp.data.sources import load_dataset
 from rnp.defenses import DEFENSES, RNP, threshold_sweep
+from rnp.defenses.base import MIN_CLEAN_IMAGES
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, load_state_dict
-from rnp.io.files import read_json, write_json
-from rnp.io.results import prepare_output_dir, write_defense_outputs
-from rnp.io.runs import (ATTACK_FILE, INDICES_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE, load_run,
-                         load_weights)
+from rnp.io.files import check_output_path, read_json, write_json
+from rnp.io.results import prepare_output_dir, remove_previous_outputs, write_defense_outputs
+from rnp.io.runs import (METRICS_FILE, MODEL_FILE, RECORD_FILES, RUN_FILE, load_run, load_weights,
+                         record_files, run_inputs)
 from rnp.metrics import accuracy, der, evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig, predict
@@ -39,6 +42,9 @@ def _log(message: str) -> None:
 def train(args) -> int:
     attack = _attack_from_args(args)
     config = TrainConfig(**config_overrides(args, TrainConfig))
+    inputs = [Path(args.data), *(record_files(args.reference_run) if args.reference_run else ())]
+    check_output_path(args.out, inputs, folder=True)
+    _check_holdout(args.holdout, args.data, args.cache_dir)
     out = train_run(args.out, args.data, arch=args.model, width=args.width, attack=attack,
                     config=config, holdout=args.holdout, reference_run=args.reference_run,
                     cache_dir=args.cache_dir, progress=not args.quiet, log=_log,
@@ -49,17 +55,25 @@ def train(args) -> int:
     return 0
 
 
+def _check_holdout(holdout: int, data_spec, cache_dir) -> None:
+    """``--holdout`` must leave images to train on; said in its own words, not the clean set's."""
+    if holdout:
+        total = len(load_dataset(data_spec, cache_dir=cache_dir).train)
+        if holdout >= total:
+            raise RnpError(f"--holdout {holdout}: {data_spec} has only {total} training images; "
+                           "hold out fewer")
+
+
 def evaluate(args) -> int:
     device = resolve_device(args.device)
     run_dir = Path(args.run)
     model_file = Path(args.model) if args.model else run_dir / MODEL_FILE
     out = Path(args.out) if args.out else model_file.parent / METRICS_FILE
-    inputs = (model_file, *(run_dir / name for name in (MODEL_FILE, RUN_FILE, INDICES_FILE, ATTACK_FILE)))
-    if out.resolve() in {path.resolve() for path in inputs}:
-        raise RnpError(f"{out} is an input; choose another --out")
+    check_output_path(out, [model_file, *run_inputs(run_dir)], folder=False)
+    own_record = _own_record(out, run_dir, model_file)
     run = load_run(run_dir, cache_dir=args.cache_dir, model_file=args.model)
     metrics = evaluate_backdoor(run.model.to(device), run.data.test, run.triggered_test()).to_dict()
-    if not args.out and out.is_file():  # keep what `rnp train` recorded beside the metrics
+    if own_record and out.is_file():  # keep what `rnp train` recorded beside the metrics
         try:
             previous = read_json(out)
         except RnpError:
@@ -70,6 +84,22 @@ def evaluate(args) -> int:
     print(metrics_table({"model": metrics}))
     print(f"metrics: {out}")
     return 0
+
+
+def _own_record(out: Path, run_dir: Path, model_file: Path) -> bool:
+    """Whether ``rnp evaluate`` writes the run's own metrics.json for the run's own model (then
+    it merges into it, keeping what training recorded).
+
+    Any other file of a run folder is refused: a run's files hold what that run's own model
+    measured, never another model's numbers nor numbers measured on another run's data and trigger.
+    """
+    if out.resolve() == (run_dir / METRICS_FILE).resolve():
+        if model_file.resolve() == (run_dir / MODEL_FILE).resolve():
+            return True
+    elif not (out.name in (*RECORD_FILES, METRICS_FILE) and (out.parent / RUN_FILE).is_file()):
+        return False
+    raise RnpError(f"{out} belongs to the run in {out.parent}; metrics of {model_file} measured on "
+                   f"{run_dir}'s data and trigger need another --out")
 
 
 def defend(args) -> int:
@@ -84,17 +114,12 @@ def defend(args) -> int:
     if args.data and not args.model:
         raise RnpError("--data needs --model FILE (the model to purify)")
     device = resolve_device(args.device)
-    run_model = Path(args.run) / MODEL_FILE if args.run else None
-    out = prepare_output_dir(args.out, inputs=[args.model, run_model])
-    if (out / RUN_FILE).exists():
-        raise RnpError(f"{out} holds a training run; choose another --out for the defense's outputs")
     defense = _defense_from_args(args)
+    out = prepare_output_dir(args.out, input_paths(args), force=args.force)
     if args.run:
         run = load_run(args.run, cache_dir=args.cache_dir, model_file=args.model)
         model, data, spec = run.model, run.data, run.info["model"]
-        pool, exclude = run.clean_pool()
-        clean, _ = select_clean_subset(pool, args.clean_size, seed=args.clean_seed,
-                                       stratified=args.stratified, exclude=exclude)
+        clean, _ = run.clean_images(args.clean_size, seed=args.clean_seed, stratified=args.stratified)
         triggered = run.triggered_test()
     else:
         data = load_dataset(args.data, cache_dir=args.cache_dir)
@@ -102,7 +127,8 @@ def defend(args) -> int:
         clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
                                        stratified=args.stratified)
         triggered = None
-    result = defense.fit(model.to(device), clean)
+    with _library_warnings():
+        result = defense.fit(model.to(device), clean)
     sweep = _rnp_sweep(args, result, clean, data, triggered) if isinstance(defense, RNP) else None
     before = evaluate_backdoor(model, data.test, triggered)
     after = evaluate_backdoor(result.model, data.test, triggered)
@@ -113,13 +139,20 @@ def defend(args) -> int:
                           "der": der(before, after) if triggered is not None else None}}
     if isinstance(defense, RNP):
         report["oracle_sweep_included"] = args.oracle_sweep
+    if args.force:
+        remove_previous_outputs(out)
     write_defense_outputs(out, result, spec, report, sweep)
     print(metrics_table({"before": before.to_dict(), "after": after.to_dict()}))
     print(_summary_line(defense, args, result, len(clean)))
-    for warning in _warnings(result.report):
-        _log(f"warning: {warning}")
     print(f"outputs: {out}")
     return 0
+
+
+def input_paths(args) -> list[Path]:
+    """Every file and folder a command reads (``--model``, ``--data``, ``--poisoned-indices``,
+    the run folder's record, its dataset and reference run), for :func:`prepare_output_dir`."""
+    given = (getattr(args, name, None) for name in ("model", "data", "poisoned_indices"))
+    return [Path(path) for path in given if path] + (run_inputs(args.run) if args.run else [])
 
 
 def _defense_from_args(args):
@@ -156,11 +189,24 @@ def _summary_line(defense, args, result, clean_size: int) -> str:
     return ": ".join(parts) + ("; " + timings if timings else "")
 
 
-def _warnings(report: dict) -> list[str]:
-    """Warnings a defense left in its report (top level, or in one of its stages)."""
-    found = [report["warning"]] if isinstance(report.get("warning"), str) else []
-    return found + [value["warning"] for value in report.values()
-                    if isinstance(value, dict) and isinstance(value.get("warning"), str)]
+class _WarningLines(logging.Handler):
+    """Prints what the library logs (a defense's ``report["warnings"]``, on the ``rnp`` logger)
+    as ``warning: ...`` lines on stderr; while it is attached Python's own fallback printing of
+    the same records is skipped, so each warning appears once."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _log(f"warning: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    """Shows the library's warnings in the CLI's format for the duration of the block."""
+    logger, handler = logging.getLogger("rnp"), _WarningLines(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def demo(args) -> int:
@@ -168,6 +214,9 @@ def demo(args) -> int:
     epochs = args.epochs if args.epochs is not None else (15 if args.data is None else 30)
     attack = build_attack(args.attack, target=0, poison_rate=0.1)
     device = resolve_device(args.device)
+    check_output_path(args.out, [data_spec], folder=True)
+    prepare_output_dir(Path(args.out) / "rnp", force=args.force)
+    _check_demo_clean_size(args.clean_size, data_spec, args.cache_dir)
     header = (f"training a backdoored preact_resnet18 (width {args.width}) on {data_spec} for {epochs} "
               f"epochs on {device}")
 
@@ -186,6 +235,16 @@ def demo(args) -> int:
     return defend(defend_args)
 
 
+def _check_demo_clean_size(size, data_spec, cache_dir) -> None:
+    """The demo holds ``--clean-size`` training images out of training for RNP: a size it cannot
+    draw, or one leaving RNP too few images or training none, is refused before training."""
+    train = load_dataset(data_spec, cache_dir=cache_dir).train
+    count = len(select_clean_subset(train, size)[0])
+    if not MIN_CLEAN_IMAGES <= count < len(train):
+        raise RnpError(f"--clean-size {size}: the demo holds these images out of training for RNP; "
+                       f"give {MIN_CLEAN_IMAGES} to {len(train) - 1} images")
+
+
 def _demo_defend_args(args, run_dir: Path, device: torch.device):
     from rnp.cli.main import build_parser
     argv = ["defend", "--run", str(run_dir), "--out", str(run_dir / "rnp"), "--seed", str(args.seed),
@@ -194,6 +253,8 @@ def _demo_defend_args(args, run_dir: Path, device: torch.device):
         argv += ["--cache-dir", args.cache_dir]
     if args.quiet:
         argv.append("--quiet")
+    if args.force:
+        argv.append("--force")
     return build_parser().parse_args(argv)
 
 

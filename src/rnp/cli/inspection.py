@@ -22,10 +22,10 @@ from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
 from rnp.io.figures import bar_chart, histograms, image_grid, line_chart, save_png, side_by_side
 from rnp.io.files import write_json, write_text
-from rnp.io.results import prepare_output_dir
-from rnp.io.runs import MODEL_FILE, RUN_FILE, load_run
+from rnp.io.results import prepare_output_dir, remove_previous_outputs
+from rnp.io.runs import load_run
 from rnp.metrics.detection import auroc, positives_mask, threshold_at_fpr, tpr_at_fpr
-from rnp.utils import resolve_device
+from rnp.utils import fits_seed, generator_for, resolve_device
 
 UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlearn_weight_decay",
                   "unlearn_milestones", "unlearn_gamma", "unlearn_epochs", "clean_threshold",
@@ -34,7 +34,14 @@ UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "un
 ``rnp scan-data`` take these as options."""
 
 FLAG_FALSE_POSITIVE_RATE = 0.05
-"""Threshold of the flagged samples: at most this share of the defender's clean images score above it."""
+"""Threshold of the flagged samples: at most this share of the held-out clean images
+(:data:`CALIBRATION_SHARE`) score above it."""
+
+CALIBRATION_SHARE = 0.2
+"""Share of the defender's clean images ``scan-data`` holds out to set the flagging threshold on
+(at least one image, and at least one left): the unlearning and every detector's clean
+reference see only the rest. Scores of the very images the unlearning pushed down would set the
+threshold where fresh clean images cross it far more often than the rate promises."""
 
 CALIBRATED_DETECTORS = ("unlearned", "loss", "strip")
 """Detectors whose score on clean images is a fair reference for a threshold (STRIP's own
@@ -42,8 +49,11 @@ rule); AC and SS score a sample against the rest of its class, which a clean set
 
 
 def inspect(args) -> int:
+    out = _output_dir(args)
     subject = _subject(args)
-    out = prepare_output_dir(args.out, inputs=subject.inputs)
+    if args.target is not None and not 0 <= args.target < len(subject.classes):
+        raise RnpError(f"--target {args.target}: the model has {len(subject.classes)} classes "
+                       f"(0 to {len(subject.classes) - 1})")
     exposure = _expose(args, subject)
     label = detect_target_label(exposure, threshold=args.label_threshold)
     verdict = detect_backdoored_model(exposure, threshold=args.variance_threshold)
@@ -58,6 +68,8 @@ def inspect(args) -> int:
         line_chart(_drift_series(exposure, subject.classes), title="Predictions during unlearning",
                    xlabel="unlearning step", ylabel="share of the batch",
                    highlight=subject.classes[label.candidate])])
+    if args.force:
+        remove_previous_outputs(out)
     save_png(figure, out / "predictions.png")
     if not args.no_trigger:
         target = label.candidate if args.target is None else args.target
@@ -70,8 +82,13 @@ def inspect(args) -> int:
 
 
 def scan_data(args) -> int:
-    subject = _subject(args)
-    out = prepare_output_dir(args.out, inputs=subject.inputs)
+    if args.samples is not None and args.samples < 1:
+        raise RnpError(f"--samples must be at least 1, got {args.samples}")
+    if not fits_seed(args.sample_seed):
+        raise RnpError(f"--sample-seed must be a 64-bit integer, got {args.sample_seed}")
+    strip_config = StripConfig(overlays=args.strip_overlays)  # checked even when STRIP is not run
+    out = _output_dir(args)
+    subject, calibration = _split_clean(_subject(args), args.clean_seed)
     data, known = _scanned_data(args, subject)
     chosen = torch.arange(len(data))
     if args.samples and args.samples < len(data):
@@ -92,16 +109,14 @@ def scan_data(args) -> int:
         report["poisoned"] = int(known.sum())
     panels = []
     for name in names:
-        detector = Strip(StripConfig(overlays=args.strip_overlays)) if name == "strip" else SAMPLE_DETECTORS[name]()
+        detector = Strip(strip_config) if name == "strip" else SAMPLE_DETECTORS[name]()
         extra = {"exposure": exposure} if name == "unlearned" else {}
         start = time.perf_counter()
         scores = detector.score(subject.model, data, subject.clean, device=subject.device, **extra)
         entry = {"seconds": time.perf_counter() - start}
         if name in CALIBRATED_DETECTORS:
-            threshold = threshold_at_fpr(detector.score(subject.model, subject.clean, subject.clean,
-                                                        device=subject.device, **extra),
-                                         FLAG_FALSE_POSITIVE_RATE)
-            entry.update(threshold=threshold, flagged=int((scores > threshold).sum()))
+            held_out = detector.score(subject.model, calibration, subject.clean, device=subject.device, **extra)
+            entry.update(_flags(scores, held_out, known))
         if known is not None and 0 < int(known.sum()) < len(known):
             entry.update(auroc=auroc(scores, known), tpr_at_5_fpr=tpr_at_fpr(scores, known, 0.05))
             groups = {"clean": scores[~known], "poisoned": scores[known]}
@@ -109,8 +124,10 @@ def scan_data(args) -> int:
             groups = {"all samples": scores}
         panels.append(histograms(groups, title=name, xlabel="score (higher = more suspicious)"))
         report["detectors"][name] = entry
-        columns[name] = [f"{float(s):.6g}" for s in scores]
+        columns[name] = [f"{float(s):.9g}" for s in scores]  # 9 digits: float32 exactly
     lines = [",".join(columns)] + [",".join(str(columns[c][i]) for c in columns) for i in range(len(data))]
+    if args.force:
+        remove_previous_outputs(out)
     write_text(out / "scores.csv", "\n".join(lines) + "\n")
     for name, panel in zip(names, panels):
         save_png(panel, out / f"scores_{name}.png")
@@ -121,11 +138,25 @@ def scan_data(args) -> int:
     return 0
 
 
+def _output_dir(args) -> Path:
+    """``--out``, checked before any work (see :func:`prepare_output_dir`), as are the settings."""
+    from rnp.cli.commands import input_paths
+    _check_settings(args)
+    return prepare_output_dir(args.out, input_paths(args), force=args.force)
+
+
+def _check_settings(args) -> None:
+    """Builds the unlearning and trigger-search settings up front, so that a bad value is
+    refused before any work, also where the command would not use it (``scan-data`` without
+    the unlearned detector, ``inspect --no-trigger``)."""
+    RNPConfig(**config_overrides(args, RNPConfig))
+    TriggerReverseConfig(**config_overrides(args, TriggerReverseConfig, prefix="trigger-"))
+
+
 @dataclasses.dataclass
 class _Subject:
     """What both commands work on: the model (on ``device``), its classes, the defender's clean
-    images (and how they were drawn), the test split, the run folder if any, and the input files
-    not to overwrite."""
+    images (and how they were drawn), the test split and the run folder if any."""
 
     model: torch.nn.Module
     classes: list[str]
@@ -133,7 +164,6 @@ class _Subject:
     clean_record: dict
     test: ImageSet
     run: object
-    inputs: list
     device: torch.device
 
 
@@ -155,11 +185,8 @@ def _subject(args) -> _Subject:
         model, _ = outside_model(args, data)
         pool, exclude = data.train, None
     clean, indices = select_clean_subset(pool, args.clean_size, seed=args.clean_seed, exclude=exclude)
-    inputs = [args.model, Path(args.run) / MODEL_FILE if args.run else None]
-    if args.out and (Path(args.out) / RUN_FILE).exists():
-        raise RnpError(f"{args.out} holds a training run; choose another --out")
     return _Subject(model.to(device).eval(), list(data.train.classes), clean,
-                    {"size": len(clean), "seed": args.clean_seed}, data.test, run, inputs, device)
+                    {"size": len(clean), "seed": args.clean_seed}, data.test, run, device)
 
 
 def _expose(args, subject: "_Subject") -> Exposure:
@@ -215,15 +242,54 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _split_clean(subject: _Subject, seed: int) -> tuple[_Subject, ImageSet]:
+    """The subject with the unlearning part of its clean set, and the held-out part the flagging
+    thresholds are calibrated on (:data:`CALIBRATION_SHARE`, a seeded draw)."""
+    clean = subject.clean
+    if len(clean) < 2:
+        raise RnpError("scan-data holds some clean images out of the unlearning to calibrate its "
+                       "threshold on; give --clean-size 2 or more")
+    held = min(len(clean) - 1, max(1, round(CALIBRATION_SHARE * len(clean))))
+    order = torch.randperm(len(clean), generator=generator_for(seed, "calibration"))
+    record = {**subject.clean_record, "unlearning": len(clean) - held, "calibration": held}
+    return (dataclasses.replace(subject, clean=clean.subset(order[held:].sort().values), clean_record=record),
+            clean.subset(order[:held].sort().values))
+
+
+def _flags(scores: torch.Tensor, held_out: torch.Tensor, known: torch.Tensor | None) -> dict:
+    """The threshold at which at most :data:`FLAG_FALSE_POSITIVE_RATE` of the held-out clean
+    images' scores lie above, the scanned samples it flags, and the false-positive rate it
+    realises, measured: on the held-out images (at most the rate; less when they are few or tied)
+    and on the scanned samples known to be clean (None when no poisoned indices are known)."""
+    threshold = threshold_at_fpr(held_out, FLAG_FALSE_POSITIVE_RATE)
+    scores, held_out = scores.double(), held_out.double()  # compared as the threshold was set: exactly
+    flagged = scores > threshold
+    clean = None if known is None or bool(known.all()) else flagged[~known]
+    return {"threshold": threshold, "flagged": int(flagged.sum()), "target_fpr": FLAG_FALSE_POSITIVE_RATE,
+            "fpr_held_out": float((held_out > threshold).double().mean()),
+            "fpr_scanned_clean": None if clean is None else float(clean.double().mean())}
+
+
 def _scan_summary(report: dict) -> str:
-    rows = [["detector", "AUROC", "TPR @ 5% FPR", "flagged", "seconds"]]
+    rows = [["detector", "AUROC", "TPR @ 5% FPR", "flagged", "FPR held-out", "FPR scanned clean", "seconds"]]
     for name, entry in report["detectors"].items():
         rows.append([name, f"{entry['auroc']:.3f}" if "auroc" in entry else "-",
                      f"{entry['tpr_at_5_fpr']:.3f}" if "tpr_at_5_fpr" in entry else "-",
-                     str(entry.get("flagged", "-")), f"{entry['seconds']:.1f}"])
+                     str(entry.get("flagged", "-")), _share(entry.get("fpr_held_out")),
+                     _share(entry.get("fpr_scanned_clean")), f"{entry['seconds']:.1f}"])
     known = (f", {report['poisoned']} known poisoned" if report["poisoned_known"] else
              "; no poisoned indices known, so no AUROC")
-    return f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{_markdown(rows)}\n"
+    clean = report["clean_set"]
+    calibration = (f"Flagged: above a threshold set on {clean['calibration']} held-out clean images (the "
+                   f"unlearning used the other {clean['unlearning']}), at most "
+                   f"{100 * FLAG_FALSE_POSITIVE_RATE:g}% of them above it; the false-positive rates it "
+                   "realises are measured on those images and on the scanned samples known clean.")
+    return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{_markdown(rows)}\n\n"
+            f"{calibration}\n")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _markdown(rows: list[list[str]]) -> str:

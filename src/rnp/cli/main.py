@@ -14,7 +14,7 @@ from rnp.attacks import ATTACKS
 from rnp.bench.executors import EXECUTORS
 from rnp.cli import bench, commands, inspection
 from rnp.cli.inspection import UNLEARN_FIELDS
-from rnp.cli.options import add_config_options, clean_size
+from rnp.cli.options import add_config_options, clean_size, count, finite_float
 from rnp.defenses import DEFENSES, RNPConfig
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
@@ -52,6 +52,7 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--clean-size", type=clean_size, default=500,
                       help="clean images for RNP: a count, or a fraction of the training split (default 500)")
+    _add_force(demo, "OUT/rnp")
     _add_common(demo)
     demo.set_defaults(handler=commands.demo)
 
@@ -60,7 +61,7 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     train.add_argument("--model", default="preact_resnet18", choices=MODEL_NAMES)
     train.add_argument("--width", type=int, default=16, help="base channels; 64 = paper size")
     _add_attack_options(train)
-    train.add_argument("--holdout", type=int, default=0,
+    train.add_argument("--holdout", type=count, default=0,
                        help="keep this many clean training images out of training, for the "
                             "defender's clean set (default 0: the defender draws from the "
                             "unpoisoned training images, as the official RNP code does)")
@@ -92,6 +93,7 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
                         help="architecture of --model (read from rnp's own safetensors otherwise)")
     defend.add_argument("--width", type=int, help="width of --model's architecture")
     defend.add_argument("--out", help="folder for the purified model and reports")
+    _add_force(defend)
     defend.add_argument("--clean-size", type=clean_size, default=500,
                         help="clean images: a count, or a fraction of the training split (default 500)")
     defend.add_argument("--clean-seed", type=int, default=0)
@@ -109,9 +111,9 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="what the unlearned model reveals: is the model "
                                              "backdoored, its target label, its trigger")
     _add_subject_options(inspect)
-    inspect.add_argument("--label-threshold", type=float, default=LABEL_ANOMALY_THRESHOLD,
+    inspect.add_argument("--label-threshold", type=finite_float, default=LABEL_ANOMALY_THRESHOLD,
                          help="anomaly index at which the top class is named the target (default 2)")
-    inspect.add_argument("--variance-threshold", type=float, default=EBYD_VARIANCE_THRESHOLD,
+    inspect.add_argument("--variance-threshold", type=finite_float, default=EBYD_VARIANCE_THRESHOLD,
                          help="variance of the class shares above which the model is called "
                               "backdoored (default 0.01, EBYD's)")
     inspect.add_argument("--target", type=int, help="recover the trigger of this class instead of "
@@ -158,6 +160,7 @@ def _add_subject_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=MODEL_NAMES, help="architecture of --model")
     parser.add_argument("--width", type=int, help="width of --model's architecture")
     parser.add_argument("--out", required=True, help="folder for the reports and figures")
+    _add_force(parser)
     parser.add_argument("--clean-size", type=clean_size, default=500,
                         help="clean images: a count, or a fraction of the training split (default 500)")
     parser.add_argument("--clean-seed", type=int, default=0)
@@ -166,9 +169,16 @@ def _add_subject_options(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
+def _add_force(parser: argparse.ArgumentParser, folder: str = "--out") -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"write into a non-empty {folder}, replacing the files an earlier rnp "
+                             "command wrote there (they are deleted when the new ones are written; "
+                             "anything else there is kept)")
+
+
 def _add_attack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack", choices=["none", *sorted(ATTACKS)], default="none")
-    parser.add_argument("--poison-rate", type=float,
+    parser.add_argument("--poison-rate", type=finite_float,
                         help="fraction of the training set to poison (default: the attack's own, "
                              "from its paper; 0.1 for most)")
     parser.add_argument("--target", type=int, default=0)
@@ -193,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_chosen_method(argv))
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except SystemExit as stop:  # --help, --version, or a command-line mistake already reported
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    if unknown:
+        return _fail(_unrecognized(args, unknown))
     try:
         return args.handler(args) or 0
     except RnpError as error:
@@ -221,6 +233,28 @@ def _chosen_method(argv: list[str]) -> str:
         if value is not None:
             return value if value in DEFENSES else "rnp"
     return "rnp"
+
+
+def _unrecognized(args: argparse.Namespace, unknown: list[str]) -> str:
+    """Unknown arguments, pointing to the help of the command given; for ``rnp defend``, an
+    option of another defense names the methods it belongs to."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    if args.command != "defend":
+        return f"{message} (see `rnp {args.command} --help`)"
+    see = f"(see `rnp defend --method {args.method} --help`)"
+    flag = next((item.split("=", 1)[0] for item in unknown if item.startswith("--")), None)
+    owners = [name for name in sorted(DEFENSES) if flag and flag in _defend_options(name)]
+    if owners:
+        methods = " or ".join(f"--method {name}" for name in owners)
+        return f"{message}: {flag} is a setting of {methods}, not of --method {args.method} {see}"
+    return f"{message} {see}"
+
+
+def _defend_options(method: str) -> set[str]:
+    """The option strings ``rnp defend --method METHOD`` takes."""
+    parser = build_parser(method)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(commands.choices["defend"]._option_string_actions)
 
 
 def _fail(message: str) -> int:

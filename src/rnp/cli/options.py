@@ -44,6 +44,29 @@ def config_overrides(args: argparse.Namespace, config_cls, *, prefix: str = "") 
     return {name: given[key + name] for name in names if key + name in given}
 
 
+def count(text: str) -> int:
+    """A number of images, 0 or more (``--holdout``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of images (0 or more), got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite (thresholds, rates): argparse's ``float`` takes
+    "nan", which compares false with everything and so would silently disable a threshold."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def clean_size(text: str) -> int | float:
     """``--clean-size``: a whole count (``500``) or a fraction (``0.01``); the API checks the range."""
     try:

@@ -8,10 +8,12 @@ their own input normalisation, so triggers and defenses all work in pixel space.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from rnp.errors import RnpError
@@ -80,17 +82,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def as_image_set(data, classes=None) -> ImageSet:
     """Converts what a user may hold into an :class:`ImageSet`.
 
-    Accepted: an ImageSet; a pair ``(images, labels)`` of tensors or arrays, images float in
-    [0, 1] or uint8, channels first ``(N, C, H, W)``; a torchvision-style dataset with ``data``
-    and ``targets`` attributes; or any map-style dataset of ``(image, label)`` pairs whose images
-    are PIL images, uint8 arrays or [0, 1] tensors (without normalisation: the model does that).
+    Accepted: an ImageSet; a pair ``(images, labels)`` whose images are one tensor or array
+    ``(N, C, H, W)`` or a list of ``(C, H, W)`` tensors or arrays (channels first) or PIL images,
+    float in [0, 1] or uint8; a torchvision-style dataset with ``data`` and ``targets``
+    attributes; or any map-style dataset of ``(image, label)`` pairs whose images are PIL images,
+    uint8 arrays or [0, 1] tensors (without normalisation: the model does that). A path is
+    refused: which of its images are the clean ones is the caller's choice (see the message).
     """
     if isinstance(data, ImageSet):
         return data
-    if (isinstance(data, (tuple, list)) and len(data) == 2
-            and not isinstance(data[1], (int, np.integer))
-            and (torch.is_tensor(data[0]) or isinstance(data[0], np.ndarray))):
-        images, labels = (torch.as_tensor(np.asarray(d)) if not torch.is_tensor(d) else d for d in data)
+    if isinstance(data, (str, os.PathLike)):
+        raise RnpError(f"{os.fspath(data)!r} is a path, not image data: load it with "
+                       "rnp.data.load_dataset(path) and pick the clean images with "
+                       "rnp.data.select_clean_subset(data.train, 500)")
+    if _is_pair(data):
+        images = data[0] if _is_array(data[0]) else _stack([_pair_image(i) for i in data[0]])
+        images, labels = (d if torch.is_tensor(d) else torch.as_tensor(np.asarray(d))
+                          for d in (images, data[1]))
         return _from_tensors(images, labels, classes)
     if hasattr(data, "data") and hasattr(data, "targets"):
         array = np.asarray(data.data)
@@ -101,15 +109,45 @@ def as_image_set(data, classes=None) -> ImageSet:
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         try:
             items = [data[i] for i in range(len(data))]
+            pairs = [(item[0], int(item[1])) for item in items]
         except Exception as error:
-            raise RnpError(f"could not read the dataset: {error}") from error
-        if not items:
+            raise RnpError(f"could not read the dataset as (image, label) pairs: {error}") from error
+        if not pairs:
             raise RnpError("the dataset is empty")
-        images = torch.stack([_item_to_tensor(item[0]) for item in items])
-        labels = torch.as_tensor([int(item[1]) for item in items])
+        images = _stack([_item_to_tensor(image) for image, _ in pairs])
+        labels = torch.as_tensor([label for _, label in pairs])
         return _from_tensors(images, labels, classes or getattr(data, "classes", None))
     raise RnpError(f"cannot use {type(data).__name__} as image data: give an ImageSet, "
                    "a pair (images, labels) or a dataset of (image, label) pairs")
+
+
+def _is_array(value) -> bool:
+    return torch.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def _is_pair(data) -> bool:
+    """Whether ``data`` is ``(images, labels)``: images one array, or a non-empty list of images;
+    labels anything but a single number (``(image, label)`` is one item, not a set)."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or isinstance(data[1], (int, np.integer)):
+        return False
+    images = data[0]
+    return _is_array(images) or (isinstance(images, (tuple, list)) and len(images) > 0 and all(
+        _is_array(image) or isinstance(image, Image.Image) for image in images))
+
+
+def _pair_image(image) -> torch.Tensor:
+    """One image of an ``(images, labels)`` list: tensors and arrays are channels first already,
+    PIL images are converted."""
+    return _item_to_tensor(image) if isinstance(image, Image.Image) else torch.as_tensor(image)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """One ``(N, C, H, W)`` tensor of same-shaped ``(C, H, W)`` images; RnpError if shapes differ."""
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise RnpError(f"the images differ in shape ({', '.join(map(str, shapes[:3]))}"
+                       f"{', ...' if len(shapes) > 3 else ''}); all must have one shape")
+    return torch.stack(images)
 
 
 def _item_to_tensor(image) -> torch.Tensor:
@@ -126,7 +164,11 @@ def _from_tensors(images: torch.Tensor, labels: torch.Tensor, classes) -> ImageS
         raise RnpError(f"images must have 4 dimensions (N, C, H, W), got {tuple(images.shape)}")
     if images.dtype != torch.uint8:
         images = images.float()
-        low, high = float(images.min()), float(images.max())
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:
+            raise RnpError(f"the images hold {bad} non-finite pixel values (NaN or infinity); "
+                           "float images must lie in [0, 1]")
+        low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 1.0)
         if low < -1e-4 or high > 1 + 1e-4:
             raise RnpError(f"float images must lie in [0, 1] (found [{low:.3g}, {high:.3g}]); "
                            "pass them before normalisation, the model normalises its input")

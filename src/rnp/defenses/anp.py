@@ -51,7 +51,7 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.defenses.masks import ChannelScores, maskable_layers, parse_layer_kinds, prune_channels
 from rnp.errors import RnpError
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 PRUNE_RULES = ("threshold", "number")
 
@@ -77,12 +77,11 @@ class ANPConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_config(self)
         if self.prune_by not in PRUNE_RULES:
             raise RnpError(f"prune_by must be one of {', '.join(PRUNE_RULES)}, got {self.prune_by!r}")
-        if self.iterations < 1 or self.batch_size < 1 or self.steps < 1:
-            raise RnpError("iterations, batch_size and steps must be positive")
-        if self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise RnpError("lr must be positive and momentum in [0, 1)")
+        if self.steps < 1:
+            raise RnpError("steps must be positive")
         if self.eps < 0 or self.step_scale <= 0:
             raise RnpError("eps must be >= 0 and step_scale positive")
         if not 0 <= self.alpha <= 1 or not 0 <= self.threshold <= 1:
@@ -222,7 +221,7 @@ class ANP(RemovalDefense):
                "prune low masks (Wu & Wang, NeurIPS 2021)")
     config_class = ANPConfig
 
-    def fit(self, model: nn.Module, clean_data) -> ANPResult:
+    def purify(self, model: nn.Module, clean_data) -> ANPResult:
         original, clean, device = prepare_inputs(model, clean_data)
         timer = StageTimer()
         with timer.stage("optimize_masks"):

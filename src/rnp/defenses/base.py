@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +20,17 @@ from torch import nn
 
 from rnp.data.images import ImageSet, as_image_set
 from rnp.errors import RnpError
+from rnp.metrics.backdoor import accuracy
+from rnp.models.checks import check_finite_weights, check_logits
+from rnp.training.evaluate import predict
 from rnp.utils import model_device
 
 MIN_CLEAN_IMAGES = 10
+# A purified model whose clean-set accuracy is at most chance level plus this is flagged as
+# collapsed (when it was above that before the defense).
+CHANCE_MARGIN = 0.05
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -39,8 +48,9 @@ class RemovalDefense:
 
     Subclasses set ``name`` (the registry and CLI key), ``summary`` (one line for
     ``rnp defend --list``), ``config_class`` (a dataclass of every hyperparameter) and
-    implement :meth:`fit`. ``Defense(config)`` takes a whole config, ``Defense(**settings)``
-    the defaults with some fields overridden; unknown settings are an error.
+    implement :meth:`purify`, which :meth:`fit` wraps with the checks every defense shares.
+    ``Defense(config)`` takes a whole config, ``Defense(**settings)`` the defaults with some
+    fields overridden; unknown settings are an error.
     """
 
     name: str = ""
@@ -70,7 +80,26 @@ class RemovalDefense:
 
     def fit(self, model: nn.Module, clean_data) -> DefenseResult:
         """Purifies a copy of ``model`` using only ``clean_data`` (an ImageSet or a dataset of
-        ``(image, label)`` pairs)."""
+        ``(image, label)`` pairs, see :func:`rnp.data.as_image_set`), then judges the outcome.
+
+        ``report["warnings"]`` lists every warning of the run, each also logged once on the
+        ``rnp.defenses.base`` logger (Python prints it on stderr unless logging is configured):
+        those a stage wrote in the report, a model that predicts one class for every clean image,
+        and a defense that brought clean-set accuracy down to chance level. A purified model with
+        non-finite weights (a diverged defense) is an :class:`RnpError`.
+        """
+        clean = as_image_set(clean_data)
+        result = self.purify(model, clean)
+        check_finite_weights(result.model, f"{self.name} diverged: its purified model")
+        found = stage_warnings(result.report) + outcome_warnings(model, result.model, clean)
+        result.report["warnings"] = found
+        for message in found:
+            logger.warning(message)
+        return result
+
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
+        """The defense itself, implemented by each subclass; :meth:`fit` runs it and adds the
+        checks every defense shares."""
         raise NotImplementedError
 
     def base_report(self, clean: ImageSet, timer: "StageTimer") -> dict:
@@ -97,10 +126,12 @@ class StageTimer:
 def prepare_inputs(model: nn.Module, clean_data) -> tuple[nn.Module, ImageSet, torch.device]:
     """A private copy of the model, the clean data as an ImageSet, and the model's device.
 
-    Checks that the clean set is large enough and that its labels fit the model's outputs.
+    Checks, before any work, that the model's weights are finite, that the clean set is large
+    enough, and that on two clean images the model outputs finite class scores that its labels fit.
     """
     if not isinstance(model, nn.Module):
         raise RnpError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_finite_weights(model)
     clean = as_image_set(clean_data)
     if len(clean) < MIN_CLEAN_IMAGES:
         raise RnpError(f"the clean set has {len(clean)} images; at least {MIN_CLEAN_IMAGES} "
@@ -116,10 +147,38 @@ def prepare_inputs(model: nn.Module, clean_data) -> tuple[nn.Module, ImageSet, t
             raise RnpError(f"the model cannot take the clean images of shape "
                            f"{tuple(clean.images.shape[1:])}: {str(error).splitlines()[0]}") from None
         working.train(was_training)
-    if outputs.dim() != 2:
-        raise RnpError(f"the model must output class scores (N, classes), got {tuple(outputs.shape)}")
+    check_logits(outputs)
     top = int(clean.labels.max())
     if top >= outputs.shape[1]:
         raise RnpError(f"the clean set has label {top} but the model has only {outputs.shape[1]} "
                        "outputs")
     return working, clean, device
+
+
+def stage_warnings(report: dict) -> list[str]:
+    """The warnings a defense wrote in its report: a ``"warning"`` at the top level or in one of
+    its sections (e.g. RNP's ``unlearning`` and ``pruning``)."""
+    found = [report["warning"]] if isinstance(report.get("warning"), str) else []
+    return found + [value["warning"] for value in report.values()
+                    if isinstance(value, dict) and isinstance(value.get("warning"), str)]
+
+
+def outcome_warnings(model: nn.Module, purified: nn.Module, clean: ImageSet) -> list[str]:
+    """Warnings about a degenerate outcome, judged on the defender's clean images (the only
+    labelled data a defense has): a model that already predicts one class for all of them, and
+    a purified model whose accuracy on them fell to within ``CHANCE_MARGIN`` of chance level."""
+    before = predict(model, clean, device=model_device(model))
+    accuracy_before = accuracy(before, clean.labels)
+    after = accuracy(predict(purified, clean, device=model_device(purified)), clean.labels)
+    found = []
+    if len(before.unique()) == 1:
+        label = int(before[0])
+        name = clean.classes[label] if label < clean.num_classes else str(label)
+        found.append(f"the model predicts class {name!r} for all {len(clean)} clean images before "
+                     "the defense: it looks broken or untrained, so the defense's result means little")
+    chance = 1 / clean.num_classes
+    if after <= chance + CHANCE_MARGIN < accuracy_before:
+        found.append(f"the defense brought clean-set accuracy down to {after:.1%} from "
+                     f"{accuracy_before:.1%}, chance level being {chance:.1%}: "
+                     "the purified model has lost its clean function")
+    return found

@@ -48,6 +48,7 @@ from torch import nn
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.masks import ChannelScores, prune_channels
 from rnp.errors import RnpError
+from rnp.utils import check_config
 
 
 @dataclass
@@ -58,7 +59,8 @@ class CLPConfig:
     zero_shift: bool = True  # (paper) the release zeroes BN beta with gamma; False: gamma only
 
     def __post_init__(self):
-        if not isinstance(self.u, (int, float)) or not math.isfinite(self.u) or self.u < 0:
+        check_config(self)
+        if self.u < 0:
             raise RnpError(f"u must be a finite number >= 0, got {self.u!r}")
 
 
@@ -153,6 +155,20 @@ def channel_lipschitz_bounds(convs, batchnorm: nn.Module) -> torch.Tensor:
     return (spectral * gain).cpu()
 
 
+def _pair_bounds(pair: ConvBatchNormPair, modules: dict) -> torch.Tensor:
+    """The bounds of one pair's channels; RnpError where they cannot be computed (an SVD that
+    does not converge) or are not finite (weights so large that the product overflows)."""
+    try:
+        bounds = channel_lipschitz_bounds([modules[c] for c in pair.convs], modules[pair.batchnorm])
+    except torch.linalg.LinAlgError as error:
+        raise RnpError(f"CLP cannot compute the spectral norms of {', '.join(pair.convs)}: "
+                       f"{str(error).splitlines()[0]}") from None
+    if not bool(torch.isfinite(bounds).all()):
+        raise RnpError(f"CLP's Lipschitz bounds of {pair.batchnorm} are not finite: the weights "
+                       "of that layer are too large for float32")
+    return bounds
+
+
 def layer_outliers(bounds: torch.Tensor, u: float) -> tuple[torch.Tensor, float]:
     """Indices of the channels whose bound exceeds ``mean + u * std`` (unbiased std), and that
     threshold. A layer of one channel has no spread and is never pruned."""
@@ -175,7 +191,7 @@ class CLP(RemovalDefense):
                "Lipschitz upper bounds (Zheng et al., ECCV 2022)")
     config_class = CLPConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         timer = StageTimer()
         with timer.stage("pair"):
@@ -185,8 +201,7 @@ class CLP(RemovalDefense):
                 raise RnpError(_no_pairs_message(working))
         with timer.stage("bounds"):
             modules = dict(working.named_modules())
-            bounds = [channel_lipschitz_bounds([modules[c] for c in p.convs], modules[p.batchnorm])
-                      for p in pairs]
+            bounds = [_pair_bounds(pair, modules) for pair in pairs]
             scores = ChannelScores(tuple(p.batchnorm for p in pairs), tuple(map(len, bounds)),
                                    torch.cat(bounds))
         with timer.stage("prune"):

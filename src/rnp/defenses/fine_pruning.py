@@ -160,7 +160,7 @@ class FP(RemovalDefense):
     config_class = FPConfig
     ranking_stage = "activations"
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         cfg = self.config
         timer = StageTimer()

@@ -34,7 +34,7 @@ from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
 from rnp.training.loop import EpochStats, StepInfo, run_epoch
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 
 @dataclass
@@ -57,13 +57,10 @@ class FineTuneFields:
     seed: int = 0  # drives batch order and augmentation
 
     def __post_init__(self):
+        check_config(self)
         self.milestones = tuple(int(m) for m in self.milestones)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise RnpError("epochs and batch_size must be positive")
-        if self.lr <= 0 or self.weight_decay < 0 or self.gamma <= 0:
-            raise RnpError("lr and gamma must be positive and weight_decay >= 0")
-        if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
-            raise RnpError("momentum must lie in [0, 1), and be > 0 with nesterov")
+        if self.nesterov and self.momentum == 0:
+            raise RnpError("momentum must be > 0 with nesterov")
         if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise RnpError("milestones must be increasing positive epoch numbers")
 
@@ -139,7 +136,7 @@ class FT(RemovalDefense):
                "and NAD (Li et al., ICLR 2021)")
     config_class = FTConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         cfg = self.config
         timer = StageTimer()

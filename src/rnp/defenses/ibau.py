@@ -57,7 +57,7 @@ from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.errors import RnpError
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -80,22 +80,11 @@ class IBAUConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_config(self)
         if self.optimizer not in OPTIMIZERS:
             raise RnpError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        counts = {"rounds": self.rounds, "fixed_point_iterations": self.fixed_point_iterations,
-                  "batch_size": self.batch_size, "perturbation_epochs": self.perturbation_epochs}
-        for name, value in counts.items():
-            if int(value) != value or value < 1:
-                raise RnpError(f"{name} must be a positive integer, got {value!r}")
-        rates = {"lr": self.lr, "perturbation_lr": self.perturbation_lr,
-                 "perturbation_norm": self.perturbation_norm, "fixed_point_lr": self.fixed_point_lr}
-        for name, value in rates.items():
-            if not value > 0 or not math.isfinite(value):
-                raise RnpError(f"{name} must be a positive number, got {value!r}")
-        if not self.perturbation_penalty >= 0 or not math.isfinite(self.perturbation_penalty):
-            raise RnpError(f"perturbation_penalty must be >= 0, got {self.perturbation_penalty!r}")
-        if not 0 <= self.perturbed_fraction <= 1:
-            raise RnpError(f"perturbed_fraction must lie in [0, 1], got {self.perturbed_fraction!r}")
+        if not self.perturbation_norm > 0:
+            raise RnpError(f"perturbation_norm must be positive, got {self.perturbation_norm!r}")
 
 
 @dataclass(frozen=True)
@@ -174,7 +163,7 @@ class IBAU(RemovalDefense):
                "hypergradients (Zeng et al., ICLR 2022)")
     config_class = IBAUConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         params = [p for p in working.parameters() if p.requires_grad]
         if not params:

@@ -184,7 +184,7 @@ class NAD(RemovalDefense):
                "into the backdoored student (Li et al., ICLR 2021)")
     config_class = NADConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         cfg = self.config
         layers, betas = self.distillation_layers(working)

@@ -30,7 +30,7 @@ images for 1 epoch. Deviations and choices the paper leaves open:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfi
                                            apply_trigger, flag_classes, output_classes,
                                            reverse_engineer_trigger)
 from rnp.errors import RnpError
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 
 @dataclass
@@ -51,7 +51,7 @@ class NeuralCleanseConfig(TriggerReverseConfig):
 
     anomaly_threshold: float = 2.0  # (paper, release) flag classes with anomaly index above this
     unlearn_fraction: float = 0.2  # (paper) share of clean images stamped with the trigger
-    unlearn_epochs: int = 1  # (paper) "fine-tune the model for only 1 epoch"
+    unlearn_epochs: int = field(default=1, metadata={"own_range": True})  # (paper) 1 epoch; 0: none
     unlearn_lr: float = 0.01  # not published; this toolkit's fine-tuning rate
     unlearn_momentum: float = 0.9  # not published; SGD momentum as above
     unlearn_weight_decay: float = 5e-4  # not published; as above
@@ -60,16 +60,14 @@ class NeuralCleanseConfig(TriggerReverseConfig):
     seed: int = 0
 
     def __post_init__(self):
+        check_config(self)
         super().__post_init__()
         if self.anomaly_threshold <= 0:
             raise RnpError(f"anomaly_threshold must be positive, got {self.anomaly_threshold}")
         if not 0 < self.unlearn_fraction <= 1:
             raise RnpError(f"unlearn_fraction must lie in (0, 1], got {self.unlearn_fraction}")
-        if self.unlearn_epochs < 0 or self.unlearn_batch_size < 1:
-            raise RnpError("unlearn_epochs must be >= 0 and unlearn_batch_size positive")
-        if self.unlearn_lr <= 0 or self.unlearn_momentum < 0 or self.unlearn_weight_decay < 0:
-            raise RnpError("unlearn_lr must be positive, unlearn_momentum and "
-                           "unlearn_weight_decay non-negative")
+        if self.unlearn_epochs < 0:
+            raise RnpError(f"unlearn_epochs must be >= 0, got {self.unlearn_epochs}")
 
 
 class NeuralCleanse(RemovalDefense):
@@ -86,7 +84,7 @@ class NeuralCleanse(RemovalDefense):
                "(Wang et al., IEEE S&P 2019)")
     config_class = NeuralCleanseConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         timer = StageTimer()
         with timer.stage("reverse"):

@@ -42,9 +42,10 @@ from rnp.defenses.masks import (ChannelScores, MaskSet, channels_pruned, maskabl
                                 prune_channels)
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
+from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
@@ -82,6 +83,7 @@ class RNPConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_config(self)
         for name, value, choices in (("stop_check", self.stop_check, STOP_CHECKS),
                                      ("tie_break", self.tie_break, TIE_BREAKS),
                                      ("prune_rule", self.prune_rule, PRUNE_RULES)):
@@ -91,10 +93,10 @@ class RNPConfig:
         parse_layer_kinds(self.mask_layers)
         if not 0 <= self.clean_threshold <= 1 or not 0 <= self.threshold <= 1:
             raise RnpError("clean_threshold and threshold must lie in [0, 1]")
-        if self.unlearn_epochs < 1 or self.recover_epochs < 1 or self.batch_size < 1:
-            raise RnpError("epochs and batch size must be positive")
         if not 0 < self.max_prune_fraction <= 1 or self.tolerance < 0 or self.prune_number < 0:
             raise RnpError("max_prune_fraction must lie in (0, 1]; tolerance and prune_number >= 0")
+        if not self.alpha > 0:
+            raise RnpError(f"alpha must be positive, got {self.alpha!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "RNPConfig":
@@ -143,7 +145,7 @@ class RNP(RemovalDefense):
             overrides = {}
         super().__init__(config, progress=progress, **overrides)
 
-    def fit(self, model: nn.Module, clean_data) -> RNPResult:
+    def purify(self, model: nn.Module, clean_data) -> RNPResult:
         original, clean, device = prepare_inputs(model, clean_data)
         layers = maskable_layers(original, self.config.mask_layers)
         timer = StageTimer()
@@ -178,6 +180,7 @@ class RNP(RemovalDefense):
         Returns the unlearned model, the trajectory summary, and how many images of each step's
         batch were predicted as each class (steps x classes): where the predictions drift as the
         clean function collapses, which exposes a backdoor's target (:mod:`rnp.detection.exposure`).
+        An ascent that overflowed the weights is an :class:`RnpError`: its masks would be NaN.
         """
         cfg = self.config
         model = copy.deepcopy(original)
@@ -207,6 +210,7 @@ class RNP(RemovalDefense):
                                      and stats.accuracy <= cfg.clean_threshold):
                     reached = True
                     break
+        check_finite_weights(model, "unlearning diverged (lower unlearn_lr): the unlearned model")
         summary = {"reached_threshold": reached, "epochs": len(epochs), "steps": len(trajectory),
                    "final_accuracy": trajectory[-1]["accuracy"], "per_epoch": epochs,
                    "per_step": trajectory}
@@ -264,6 +268,8 @@ class RNP(RemovalDefense):
         Each candidate is pruned in place on ``original`` and restored exactly afterwards (no
         copy of the model per candidate), and evaluated in batches of ``batch_size``: on the
         CPU, inference on a few hundred images at once is slower than in smaller batches.
+        Stopping at the ``max_prune_fraction`` cap, still within tolerance, is warned about: the
+        cap, not the clean accuracy, then chose the count.
         """
         cfg = self.config
 
@@ -273,7 +279,8 @@ class RNP(RemovalDefense):
             return accuracy(predictions, clean.labels)
 
         base = clean_accuracy(0)
-        low, high = 0, max(1, int(cfg.max_prune_fraction * len(scores)))
+        cap = max(1, int(cfg.max_prune_fraction * len(scores)))
+        low, high = 0, cap
         evaluated = {0: base}
         while low < high:
             middle = (low + high + 1) // 2
@@ -282,9 +289,14 @@ class RNP(RemovalDefense):
                 low = middle
             else:
                 high = middle - 1
-        return low, {"rule": "auto", "tolerance": cfg.tolerance, "clean_accuracy_before": base,
+        selection = {"rule": "auto", "tolerance": cfg.tolerance, "clean_accuracy_before": base,
                      "clean_accuracy_after": evaluated[low],
                      "evaluated": {str(k): v for k, v in sorted(evaluated.items())}}
+        if low == cap < len(scores):
+            selection["warning"] = (f"the auto rule stopped at its cap of {cap} of {len(scores)} "
+                                    f"channels (max_prune_fraction {cfg.max_prune_fraction}), still "
+                                    "within tolerance: the backdoor may need more pruned channels")
+        return low, selection
 
 
 def threshold_sweep(result: DefenseResult, evaluate, thresholds=SWEEP_THRESHOLDS) -> list[dict]:

@@ -56,7 +56,7 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.errors import RnpError
 from rnp.metrics import accuracy
 from rnp.training.evaluate import predict
-from rnp.utils import generator_for, progress_bar
+from rnp.utils import check_config, generator_for, progress_bar
 
 NORMS = ("linf", "l2")
 INITS = ("max", "zero")
@@ -87,20 +87,20 @@ class SAUConfig:
     seed: int = 0  # batch order (and augmentation, if on)
 
     def __post_init__(self):
+        check_config(self)
         for name, value, choices in (("norm", self.norm, NORMS), ("pgd_init", self.pgd_init, INITS)):
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        for name in ("epochs", "batch_size", "updates_per_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise RnpError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.pgd_steps, int) or self.pgd_steps < 0:
+        if self.updates_per_batch < 1:
+            raise RnpError(f"updates_per_batch must be at least 1, got {self.updates_per_batch!r}")
+        if self.pgd_steps < 0:
             raise RnpError(f"pgd_steps must be an integer >= 0, got {self.pgd_steps!r}")
-        if not self.lr > 0 or self.epsilon < 0 or self.step_size < 0 or self.weight_decay < 0:
-            raise RnpError("lr must be positive; epsilon, step_size and weight_decay must be >= 0")
+        if self.epsilon < 0 or self.step_size < 0:
+            raise RnpError("epsilon and step_size must be >= 0")
         weights = (self.beta_1, self.beta_2, self.lambda_1, self.lambda_2, self.lambda_3)
-        if any(not math.isfinite(w) or w < 0 for w in weights):
-            raise RnpError("beta_1, beta_2 and lambda_1..3 must be finite and >= 0")
+        if any(w < 0 for w in weights):
+            raise RnpError("beta_1, beta_2 and lambda_1..3 must be >= 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise RnpError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
 
@@ -118,7 +118,7 @@ class SAU(RemovalDefense):
                "backdoored model (Wei et al., NeurIPS 2023)")
     config_class = SAUConfig
 
-    def fit(self, model: nn.Module, clean_data) -> DefenseResult:
+    def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
         timer = StageTimer()
         reference = _frozen_copy(working)

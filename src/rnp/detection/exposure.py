@@ -30,7 +30,6 @@ from rnp.data.images import ImageSet
 from rnp.defenses.base import prepare_inputs
 from rnp.defenses.rnp import RNP, RNPConfig, RNPResult
 from rnp.detection.trigger_reverse import MAD_CONSISTENCY
-from rnp.errors import RnpError
 from rnp.training.evaluate import predict
 from rnp.utils import model_device
 
@@ -157,19 +156,9 @@ def detect_backdoored_model(exposure: Exposure,
 
     A model whose predictions all collapse onto one of K classes scores ``(K - 1) / K**2``
     (0.09 for ten classes); evenly spread predictions score 0. The threshold 0.01 is EBYD's and
-    is not fitted to any test data; :func:`calibrate_threshold` sets one from scores of models
-    the defender knows to be clean.
+    is not fitted to any test data; :func:`rnp.metrics.threshold_at_fpr` sets one from scores of
+    models the defender knows to be clean.
     """
     shares = exposure.final_shares()
     score = float(shares.var(unbiased=False))
     return ModelDetection(score, threshold, score > threshold, [round(float(s), 6) for s in shares])
-
-
-def calibrate_threshold(clean_model_scores, false_positive_rate: float = 0.05) -> float:
-    """The smallest threshold that flags at most ``false_positive_rate`` of the given scores of
-    known-clean models (e.g. models the defender trained on its own clean data)."""
-    scores = torch.as_tensor(clean_model_scores, dtype=torch.float64).sort().values
-    if not len(scores):
-        raise RnpError("no clean-model scores to calibrate the threshold on")
-    allowed = int(false_positive_rate * len(scores))
-    return float(scores[len(scores) - 1 - allowed])

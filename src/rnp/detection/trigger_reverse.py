@@ -39,6 +39,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.errors import RnpError
+from rnp.utils import check_config
 
 MAD_CONSISTENCY = 1.4826  # the MAD of a normal sample times this estimates its std (release)
 TANH_EPSILON = 1e-7  # Keras' K.epsilon(), keeps the squashed values strictly inside (0, 1)
@@ -62,6 +63,7 @@ class TriggerReverseConfig:
     early_stop_patience: int = 25  # (release example) 5 * PATIENCE stale steps end the search
 
     def __post_init__(self):
+        check_config(self)  # types and finite floats (a NaN lr passed the range checks below)
         self.betas = tuple(float(b) for b in self.betas)
         if min(self.steps, self.samples_per_step, self.batch_size, self.patience,
                self.early_stop_patience) < 1:

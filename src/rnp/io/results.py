@@ -17,25 +17,54 @@ from rnp.defenses.base import DefenseResult
 from rnp.defenses.masks import ChannelScores
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
-from rnp.io.files import write_json, write_text
-from rnp.io.runs import MODEL_FILE, save_model
+from rnp.io.files import check_output_path, write_json, write_text
+from rnp.io.runs import METRICS_FILE, MODEL_FILE, RUN_FILE, save_model
 
 REPORT_FILE = "report.json"
 MASKS_FILE = "masks.csv"
 SWEEP_FILE = "sweep.csv"
 ARTIFACTS_FILE = "artifacts.safetensors"
+SCORES_HEADER = "layer,channel,value"
+"""First line of every :class:`ChannelScores` CSV, which is how ``--force`` knows one."""
+
+OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, MASKS_FILE, SWEEP_FILE, ARTIFACTS_FILE, METRICS_FILE,
+                "summary.md", "scores.csv", "predictions.png", "triggers.png", "triggers.safetensors")
+"""The fixed names ``rnp defend``, ``inspect`` and ``scan-data`` (and ``rnp evaluate`` beside a
+purified model) write in an output folder; with ``--force`` these are replaced."""
 
 
-def prepare_output_dir(out, inputs=()) -> Path:
-    """Refuses an output folder that would overwrite an input file or another tool's files."""
-    out = Path(out)
-    resolved = {Path(p).resolve() for p in inputs if p}
-    for name in (MODEL_FILE, REPORT_FILE, MASKS_FILE, SWEEP_FILE, ARTIFACTS_FILE):
-        if (out / name).resolve() in resolved:
-            raise RnpError(f"{out / name} is an input; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise RnpError(f"{out} exists and is not a folder")
+def prepare_output_dir(out, inputs=(), *, force: bool = False) -> Path:
+    """Checks an output folder before any work: it may not replace, hold or lie inside an input,
+    hold a training run, or be unwritable; a non-empty one is refused unless ``force``, and
+    then :func:`remove_previous_outputs` clears rnp's files just before the new ones are written."""
+    out = check_output_path(out, inputs, folder=True)
+    if (out / RUN_FILE).exists():
+        raise RnpError(f"{out} holds a training run; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise RnpError(f"{out} is not empty; choose another --out, or give --force to replace "
+                       "the files rnp wrote there")
     return out
+
+
+def remove_previous_outputs(out) -> None:
+    """Deletes the files an earlier ``rnp defend``, ``inspect`` or ``scan-data`` wrote in ``out``,
+    so no file of another method is left beside the new ones: the names in
+    :data:`OUTPUT_FILES`, ``scores_*.png``, and CSVs of channel scores (first line
+    :data:`SCORES_HEADER`). Everything else in ``out`` (the user's files, sub-folders) is kept."""
+    out = Path(out)
+    if out.is_dir():
+        for path in list(out.iterdir()):
+            if path.is_file() and _rnp_output(path):
+                path.unlink()
+
+
+def _rnp_output(path: Path) -> bool:
+    if path.name in OUTPUT_FILES or (path.name.startswith("scores_") and path.suffix == ".png"):
+        return True
+    if path.suffix != ".csv":
+        return False
+    with path.open(errors="replace") as handle:
+        return handle.readline().rstrip("\r\n") == SCORES_HEADER
 
 
 def write_defense_outputs(out, result: DefenseResult, model_spec: dict | None, report: dict,

@@ -20,6 +20,7 @@ from torch import nn
 
 from rnp.attacks import Attack, TriggeredSet, attack_from_spec
 from rnp.attacks.base import PoisonedSet
+from rnp.data.clean_subset import select_clean_subset
 from rnp.data.images import ImageSet
 from rnp.data.sources import DatasetSplits, load_dataset
 from rnp.errors import RnpError
@@ -36,6 +37,9 @@ HOLDOUT_FILE = "holdout_indices.txt"
 COVER_FILE = "cover_indices.txt"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+RECORD_FILES = (RUN_FILE, MODEL_FILE, ATTACK_FILE, INDICES_FILE, HOLDOUT_FILE, COVER_FILE, CHECKPOINT_FILE)
+"""The files that make a run (``metrics.json`` aside, a record of measurements): no command
+writes onto any of them in another command's place, whether or not the run has each one."""
 
 
 @dataclass(eq=False)
@@ -58,6 +62,20 @@ class Run:
         if len(self.holdout_indices):
             return self.data.train.subset(self.holdout_indices), torch.empty(0, dtype=torch.long)
         return self.data.train, torch.cat([self.poisoned_indices, self.cover_indices])
+
+    def clean_images(self, size: int | float, *, seed: int = 0,
+                     stratified: bool = False) -> tuple[ImageSet, torch.Tensor]:
+        """The defender's clean set drawn from :meth:`clean_pool`; a fraction ``size`` is of the
+        whole training split (as ``--clean-size`` says), and a run that held out too few images
+        says so in those words."""
+        pool, exclude = self.clean_pool()
+        if isinstance(size, float) and 0 < size < 1:
+            size = round(size * len(self.data.train))
+        held = len(self.holdout_indices)
+        if held and isinstance(size, int) and size > held:
+            raise RnpError(f"asked for {size} clean images but {self.path} held out only {held} "
+                           f"(rnp train --holdout {held}); ask for at most {held}")
+        return select_clean_subset(pool, size, seed=seed, stratified=stratified, exclude=exclude)
 
     def triggered_test(self) -> TriggeredSet | None:
         return self.attack.triggered_test(self.data.test) if self.attack is not None else None
@@ -135,14 +153,32 @@ def read_run_info(path) -> dict:
     return info
 
 
-def load_run(path, *, cache_dir=None, model_file=None) -> Run:
-    """Loads a run folder; ``model_file`` replaces its weights (e.g. a defended model)."""
+def run_inputs(path) -> list[Path]:
+    """What loading run ``path`` reads, which no output may replace, hold or lie inside: its
+    record files, its dataset, and the record files of the reference run an attack was fitted on."""
+    info = read_run_info(path)
+    inputs = [*record_files(path), Path(info["dataset"]["spec"])]
+    reference = info.get("reference_run")
+    if isinstance(reference, dict) and isinstance(reference.get("path"), str):
+        inputs += record_files(reference["path"])
+    return inputs
+
+
+def record_files(path) -> list[Path]:
+    """The paths of a run folder's :data:`RECORD_FILES`, whether they exist or not."""
+    return [Path(path) / name for name in RECORD_FILES]
+
+
+def load_run(path, *, cache_dir=None, model_file=None, data_spec=None) -> Run:
+    """Loads a run folder; ``model_file`` replaces its weights (e.g. a defended model);
+    ``data_spec`` is where its data lies now, when it moved since training (checksum checked)."""
     path = Path(path)
     info = read_run_info(path)
     model = load_model(info["model"], Path(model_file) if model_file else path / MODEL_FILE)
-    data = load_dataset(info["dataset"]["spec"], cache_dir=cache_dir)
+    data_spec = data_spec or info["dataset"]["spec"]
+    data = load_dataset(data_spec, cache_dir=cache_dir)
     if data.checksum != info["dataset"]["checksum"]:
-        raise RnpError(f"{info['dataset']['spec']}: the data changed since the run was trained "
+        raise RnpError(f"{data_spec}: the data changed since the run was trained "
                        f"(checksum {data.checksum[:12]} != {info['dataset']['checksum'][:12]})")
     attack = None
     if info.get("attack"):

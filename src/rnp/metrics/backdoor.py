@@ -21,6 +21,7 @@ from torch import nn
 
 from rnp.attacks.base import TriggeredSet
 from rnp.data.images import ImageSet
+from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.utils import model_device
 
@@ -44,7 +45,12 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 def evaluate_backdoor(model: nn.Module, test: ImageSet, triggered: TriggeredSet | None = None, *,
                       batch_size: int = 512, device=None) -> BackdoorMetrics:
     """Measures CA on ``test`` and, given the triggered test set, CA on non-target images,
-    ASR and RA, on ``device`` (default: where the model's parameters are)."""
+    ASR and RA, on ``device`` (default: where the model's parameters are).
+
+    A model with non-finite weights or outputs is an :class:`RnpError`, not an evaluation: the
+    argmax of NaN scores names some class, which once read as an attack success rate of 100%.
+    """
+    check_finite_weights(model)
     device = model_device(model) if device is None else device
     predictions = predict(model, test, batch_size=batch_size, device=device)
     clean = accuracy(predictions, test.labels)

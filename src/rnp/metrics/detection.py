@@ -10,8 +10,9 @@ Convention everywhere: a higher score means more suspicious (more likely poisone
   scoring strictly ABOVE ``t`` is at most ``fpr``; :func:`tpr_at_fpr` is the fraction of
   positives scoring strictly above that threshold. Samples equal to the threshold count as not
   flagged, so ties never let the false-positive rate exceed ``fpr``; with ``fpr = 0`` the
-  threshold is the highest negative score, and with ``fpr = 1`` it is ``-inf`` (everything is
-  flagged).
+  threshold is the highest negative score, which no negative exceeds (nothing flagged), and
+  with ``fpr = 1`` it is ``-inf`` (everything is flagged). It is the one threshold calibration
+  of the package: detection thresholds set from scores of known-clean samples or models use it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def auroc(scores, positives) -> float:
 
 
 def threshold_at_fpr(negative_scores, fpr: float) -> float:
-    """The smallest score at which at most ``fpr`` of ``negative_scores`` lie strictly above."""
+    """The smallest score at which at most ``fpr`` of ``negative_scores`` lie strictly above:
+    the threshold that flags (score > threshold) at most that share of known-negative samples
+    or models. RnpError for no scores, a NaN, or ``fpr`` outside [0, 1]."""
     negative_scores = _as_scores(negative_scores)
     if len(negative_scores) == 0:
         raise RnpError("threshold_at_fpr needs at least one negative score")
@@ -91,7 +94,11 @@ def _check(scores, positives) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _as_scores(scores) -> torch.Tensor:
-    scores = torch.as_tensor(scores).detach().reshape(-1).cpu().double()
+    """A flat float64 CPU tensor. Python numbers are read as float64 (torch's default would be
+    float32), so a threshold compares exactly against the very scores it was set from."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu()
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     if bool(torch.isnan(scores).any()):
         raise RnpError("scores contain NaN")
     return scores

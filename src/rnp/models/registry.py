@@ -12,7 +12,7 @@ from functools import partial
 from torch import nn
 
 from rnp.errors import RnpError
-from rnp.models.normalize import CIFAR10_MEAN, CIFAR10_STD
+from rnp.models.normalize import channel_statistics
 from rnp.models.preact_resnet import PreActResNet18
 from rnp.models.resnet import ResNet18
 from rnp.models.vgg import VGG
@@ -28,8 +28,8 @@ MODEL_NAMES = tuple(_BUILDERS)
 
 
 def model_spec(arch: str, num_classes: int = 10, width: int = 64, in_channels: int = 3,
-               mean: Sequence[float] = CIFAR10_MEAN,
-               std: Sequence[float] = CIFAR10_STD) -> dict:
+               mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None) -> dict:
     """Check the arguments of :func:`build_model` and return them as a JSON-serialisable dict.
 
     ``build_model(**model_spec(...))`` builds the model the arguments describe. Raises
@@ -40,6 +40,7 @@ def model_spec(arch: str, num_classes: int = 10, width: int = 64, in_channels: i
     _check_int("num_classes", num_classes, minimum=2)
     _check_int("width", width, minimum=1)
     _check_int("in_channels", in_channels, minimum=1)
+    mean, std = channel_statistics(in_channels, mean, std)
     mean = [float(m) for m in mean]
     std = [float(s) for s in std]
     if len(mean) != in_channels or len(std) != in_channels:
@@ -52,17 +53,22 @@ def model_spec(arch: str, num_classes: int = 10, width: int = 64, in_channels: i
 
 
 def build_model(arch: str, num_classes: int = 10, width: int = 64, in_channels: int = 3,
-                mean: Sequence[float] = CIFAR10_MEAN,
-                std: Sequence[float] = CIFAR10_STD) -> nn.Module:
+                mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> nn.Module:
     """Build architecture ``arch`` (one of :data:`MODEL_NAMES`) with fresh weights.
 
     ``width`` is the base channel count: 64 gives the paper-size models, 16 a quarter-width
     model that trains on a CPU. Every channel count scales as ``c * width // 64`` (at least 1).
     The model takes images in [0, 1] and normalises them with ``mean`` and ``std`` itself,
-    through its ``normalize`` attribute.
+    through its ``normalize`` attribute; by default CIFAR-10's statistics for 3 channels and
+    their average for 1 (see :func:`rnp.models.normalize.channel_statistics`).
     """
     spec = model_spec(arch, num_classes, width, in_channels, mean, std)
-    return _BUILDERS[spec.pop("arch")](**spec)
+    try:
+        return _BUILDERS[spec.pop("arch")](**spec)
+    except (MemoryError, RuntimeError) as error:  # the CPU allocator's "can't allocate memory"
+        raise RnpError(f"cannot build {arch} of width {width}: "
+                       f"{str(error).splitlines()[0] if str(error) else 'out of memory'}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rnp.models.normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from rnp.models.normalize import Normalize, channel_statistics
 
 
 class BasicBlock(nn.Module):
@@ -50,10 +50,10 @@ class ResNet18(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         channels = [max(1, c * width // 64) for c in (64, 128, 256, 512)]
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(*channel_statistics(in_channels, mean, std))
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels[0])
         self.relu = nn.ReLU(inplace=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rnp.models.normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from rnp.models.normalize import Normalize, channel_statistics
 
 # Output channels of each 3x3 convolution; "M" is a 2x2 max-pool.
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -31,9 +31,9 @@ class VGG(nn.Module):
 
     def __init__(self, config: Sequence[int | str] = VGG16_CONFIG, num_classes: int = 10,
                  width: int = 64, batch_norm: bool = True, in_channels: int = 3,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(*channel_statistics(in_channels, mean, std))
         layers: list[nn.Module] = []
         channels = in_channels
         for item in config:

@@ -7,6 +7,7 @@ from torch import nn
 
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
+from rnp.models.checks import check_logits
 
 
 def predict(model: nn.Module, data: ImageSet, *, batch_size: int = 512, device="cpu",
@@ -14,7 +15,9 @@ def predict(model: nn.Module, data: ImageSet, *, batch_size: int = 512, device="
     """Predicted labels (or logits) for every image, with the model in eval mode.
 
     The model's train/eval mode is restored afterwards. Inputs are fed in channels-last layout,
-    which speeds up CPU convolutions without touching the model's own parameters.
+    which speeds up CPU convolutions without touching the model's own parameters. Outputs that
+    are not a finite ``(N, classes)`` tensor are an :class:`RnpError`: the argmax of NaN scores
+    would name an arbitrary class and pass for a prediction.
     """
     was_training = model.training
     model.eval()
@@ -22,7 +25,7 @@ def predict(model: nn.Module, data: ImageSet, *, batch_size: int = 512, device="
     try:
         with torch.inference_mode():
             for images, _ in iterate_batches(data, batch_size, device=device):
-                logits = model(images.contiguous(memory_format=torch.channels_last))
+                logits = check_logits(model(images.contiguous(memory_format=torch.channels_last)))
                 outputs.append(logits.float().cpu() if return_logits else logits.argmax(1).cpu())
     finally:
         model.train(was_training)
