@@ -2,8 +2,9 @@
 
 Both functions are plain and picklable, so an executor can run them in this process or ship
 them to a Ray worker. A record is JSON-ready and holds everything needed to rerun the cell
-exactly (the cell's full description, the data checksum, the package and torch versions, the
-device) besides the results.
+exactly (the cell's full description with the package's code fingerprint, the training-code
+fingerprint of the subject it defended, the data checksum, the torch version, the device)
+besides the results.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
 from rnp.bench.memory import PeakMemory
 from rnp.bench.retuning import retune, retuning_set
-from rnp.bench.subjects import cached_subject
+from rnp.bench.subjects import cached_subject, subject_code
 from rnp.data.clean_subset import select_clean_subset
 from rnp.defenses import DEFENSES, DefenseResult
 from rnp.defenses.rnp import threshold_sweep
@@ -35,10 +36,12 @@ from rnp.utils import generator_for
 
 def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = None, device="cpu",
                     progress: bool = False, log=print) -> str:
-    """The subject's run folder in ``cache``, trained first if it is not there yet."""
+    """The subject's run folder in ``cache``, trained first if it is not there yet (the log
+    lines, why it trains included, name the subject)."""
+    name = f"{subject.dataset} {subject.arch}-w{subject.width} {subject.label} seed {subject.seed}"
     run_dir = cached_subject(cache, subject.data_spec, subject.build_attack(), arch=subject.arch,
                              width=subject.width, config=subject.train_config(), cache_dir=data_cache,
-                             device=device, progress=progress, log=log)
+                             device=device, progress=progress, log=lambda line: log(f"{name}: {line}"))
     return str(run_dir)
 
 
@@ -49,13 +52,13 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    subject = _load_subject(run_dir, data_cache)
+    subject = _load_subject(run_dir, data_cache, cell.subject.data_spec)
     model = subject["run"].model.to(device)
     clean, indices = select_clean_subset(subject["pool"], cell.clean_size, seed=cell.subject.seed,
                                          exclude=subject["exclude"])
     before = subject["before"]
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
-              "data_spec": cell.subject.data_spec, "subject_run": run_dir,
+              "data_spec": cell.subject.data_spec, "subject_run": run_dir, "subject_code": subject_code(run_dir),
               "clean_indices": indices.tolist(), "environment": _environment(device),
               "before": before.to_dict()}
     try:
@@ -92,10 +95,10 @@ def _load_model(run_dir: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_subject(run_dir: str, data_cache: str | None) -> dict:
-    """The loaded run and what every cell of it needs; kept while cells of one subject follow
-    each other."""
-    run = load_run(run_dir, cache_dir=data_cache)
+def _load_subject(run_dir: str, data_cache: str | None, data_spec: str) -> dict:
+    """The loaded run, its data read from where the grid says it lies now, and what every cell
+    of it needs; kept while cells of one subject follow each other."""
+    run = load_run(run_dir, cache_dir=data_cache, data_spec=data_spec)
     metrics = read_json(f"{run_dir}/{METRICS_FILE}")
     before = BackdoorMetrics(**{k: metrics.get(k) for k in BackdoorMetrics.__dataclass_fields__})
     pool, exclude = run.clean_pool()

@@ -1,11 +1,15 @@
 """A benchmark grid: datasets x models x attacks x poisoning rates x seeds x defenses.
 
-A grid file (YAML or JSON) names each axis; :func:`load_grid` checks it and :meth:`Grid.cells`
-expands it into :class:`Cell` objects. A cell's ``key`` hashes everything that shapes its
+A grid file (YAML or JSON) names each axis; :func:`load_grid` checks all of it before any work
+(every field's type and range, every name, every dataset path, every setting of the training,
+the attacks, the defenses and the re-tuning) and :meth:`Grid.cells` expands it into
+:class:`Cell` objects. Booleans are YAML's own (``true``/``false``, unquoted): a string such as
+``"false"`` is refused, never read as true. A cell's ``key`` hashes everything that shapes its
 result (the subject's data checksum, model, attack and training config, the seed, the defense
-with every setting filled in, the clean-set size, the optional measurements, the package
-version), so a finished cell is recognised on a later run and a changed setting makes a new
-cell. Cells share a :class:`Subject` (the backdoored model) when they differ only in the
+with every setting filled in, the clean-set size, the optional measurements, and the
+fingerprint of the package's source code, :func:`rnp.bench.fingerprint.package_fingerprint`),
+so a finished cell is recognised on a later run and a changed setting or a code change makes a
+new cell. Cells share a :class:`Subject` (the backdoored model) when they differ only in the
 defense; subjects are cached by :func:`rnp.bench.subjects.cached_subject`.
 
 Example (``benchmarks/grids/`` holds the README's)::
@@ -27,11 +31,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnp import __version__
 from rnp.attacks import ATTACKS
+from rnp.bench.fingerprint import package_fingerprint
 from rnp.bench.retuning import RetuningConfig
 from rnp.bench.suite import suite_attack
 from rnp.defenses import DEFENSES
@@ -105,6 +112,7 @@ class Cell:
     curve_images: int
     data_checksum: str
     name: str = ""
+    code: str = ""
     key: str = ""
 
     @property
@@ -121,7 +129,7 @@ class Cell:
         dataset enters by its checksum, not its path, so moving the data keeps the cells."""
         config = DEFENSES[self.defense].config_class(**self.settings) if self.defense in DEFENSES else None
         subject = {k: v for k, v in dataclasses.asdict(self.subject).items() if k != "data_spec"}
-        return {"rnp_version": __version__,
+        return {"rnp_version": __version__, "code": self.code,
                 "subject": subject, "data_checksum": self.data_checksum,
                 "attack_spec": self.subject.build_attack().spec(),
                 "train_config": config_dict(self.subject.train_config()),
@@ -168,7 +176,7 @@ class Grid:
                 if defense != NO_DEFENSE and "seed" in _fields(defense):
                     settings = {"seed": subject.seed, **settings}
                 cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
-                            self.curve_images, checksums[subject.dataset], name)
+                            self.curve_images, checksums[subject.dataset], name, package_fingerprint())
                 cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
@@ -192,8 +200,8 @@ def load_grid(path) -> Grid:
 
 
 def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
-    """A :class:`Grid` from the mapping a grid file holds. Relative dataset paths are taken
-    relative to the working directory when they exist there, else to ``base``."""
+    """A :class:`Grid` from the mapping a grid file holds, every field checked. Relative dataset
+    paths are taken relative to the working directory when they exist there, else to ``base``."""
     if not isinstance(raw, dict):
         raise RnpError("a grid is a mapping of the keys " + ", ".join(sorted(GRID_KEYS)))
     unknown = sorted(set(raw) - GRID_KEYS)
@@ -202,33 +210,55 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
     for required in ("datasets", "attacks", "defenses"):
         if not raw.get(required):
             raise RnpError(f"the grid needs a non-empty {required!r}")
-    datasets = raw["datasets"]
-    if not isinstance(datasets, dict):
-        raise RnpError("'datasets' maps a name to a dataset path, e.g. {cifar10: path/to/data}")
-    models = [_model(m) for m in _list(raw.get("models", [{"arch": "preact_resnet18"}]), "models")]
-    train = _mapping(raw.get("train", {}), "train")
-    _check_fields(TrainConfig, train, "train")
-    if "seed" in train:
-        raise RnpError("'train' takes no seed: the grid's 'seeds' set it")
-    defenses = _defenses(raw["defenses"])
-    retuning = raw.get("retuning")
-    if retuning is not None and retuning is not False:
-        retuning = _mapping({} if retuning is True else retuning, "retuning")
-        _check_fields(RetuningConfig, retuning, "retuning")
-        retuning = RetuningConfig(**retuning)
-    else:
-        retuning = None
+    reduced = _bool(raw.get("reduced_attacks", True), "reduced_attacks")
     return Grid(
-        name=str(raw.get("name", "grid")),
-        datasets={str(k): _resolve(str(v), base) for k, v in datasets.items()},
-        models=models, attacks=[_attack(a) for a in _list(raw["attacks"], "attacks")],
-        defenses=defenses, train=train,
+        name=_text(raw.get("name", "grid"), "name"), datasets=_datasets(raw["datasets"], base),
+        models=[_model(m) for m in _list(raw.get("models", [{"arch": "preact_resnet18"}]), "models")],
+        attacks=[_attack(a, reduced) for a in _list(raw["attacks"], "attacks")],
+        defenses=_defenses(raw["defenses"]), train=_train(raw.get("train", {})),
         poison_rates=[_rate(r) for r in _list(raw.get("poison_rates", ["default"]), "poison_rates")],
         seeds=[_int(s, "seeds") for s in _list(raw.get("seeds", [0]), "seeds")],
-        clean_size=_int(raw.get("clean_size", 500), "clean_size"), retuning=retuning,
-        curve_images=_int(raw.get("curve_images", 1000), "curve_images"),
-        reduced_attacks=bool(raw.get("reduced_attacks", True)),
-        cache=raw.get("cache"), data_cache=raw.get("data_cache"), output=raw.get("output"))
+        clean_size=_int(raw.get("clean_size", 500), "clean_size", minimum=1),
+        retuning=_retuning(raw.get("retuning")),
+        curve_images=_int(raw.get("curve_images", 1000), "curve_images"), reduced_attacks=reduced,
+        **{key: _folder(raw.get(key), key) for key in ("cache", "data_cache", "output")})
+
+
+def _datasets(raw, base: Path) -> dict[str, str]:
+    """Name -> path, each path resolved and existing (a typo fails now, not after training)."""
+    if not isinstance(raw, dict):
+        raise RnpError("'datasets' maps a name to a dataset path, e.g. {cifar10: path/to/data}")
+    datasets = {}
+    for name, spec in raw.items():
+        path = _resolve(_text(spec, f"datasets.{name}"), base)
+        if not Path(path).exists():
+            raise RnpError(f"datasets.{name}: no such file or folder {path}")
+        datasets[str(name)] = path
+    return datasets
+
+
+def _train(raw) -> dict:
+    """The training settings: known TrainConfig fields of the right types and ranges, no seed."""
+    train = _mapping(raw, "train")
+    if "seed" in train:
+        raise RnpError("'train' takes no seed: the grid's 'seeds' set it")
+    _check_fields(TrainConfig, train, "train")
+    _check_types(TrainConfig, train, "train")
+    try:
+        TrainConfig(**train)
+    except RnpError as error:
+        raise RnpError(f"train: {error}") from None
+    return train
+
+
+def _retuning(raw) -> RetuningConfig | None:
+    """The re-tuning attack's settings; omitted or false: none, true: the defaults."""
+    if raw is None or raw is False:
+        return None
+    settings = _mapping({} if raw is True else raw, "retuning")
+    _check_fields(RetuningConfig, settings, "retuning")
+    _check_types(RetuningConfig, settings, "retuning")
+    return RetuningConfig(**settings)
 
 
 def _defenses(raw) -> dict[str, tuple[str, dict]]:
@@ -249,12 +279,14 @@ def _defenses(raw) -> dict[str, tuple[str, dict]]:
             raise RnpError("the 'none' defense takes no settings")
         if defense != NO_DEFENSE:
             DEFENSES[defense].check_settings(settings)
+            _check_types(DEFENSES[defense].config_class, settings, f"defenses.{name}")
             DEFENSES[defense](**settings)  # validates the values now, not hours into the run
         result[str(name)] = (defense, settings)
     return result
 
 
-def _attack(item) -> tuple[str, dict]:
+def _attack(item, reduced: bool) -> tuple[str, dict]:
+    """(name, parameters), the parameters checked by building the attack once."""
     if isinstance(item, str):
         name, params = item, {}
     else:
@@ -265,6 +297,11 @@ def _attack(item) -> tuple[str, dict]:
     if "seed" in params or "poison_rate" in params or "target" in params:
         raise RnpError(f"attack {name}: seed, poison_rate and target come from the grid's seeds, "
                        "poison_rates and the suite's target 0")
+    _check_types(ATTACKS[name], params, f"attacks.{name}")
+    try:
+        suite_attack(name, reduced=reduced, **params)
+    except (TypeError, ValueError) as error:
+        raise RnpError(f"attacks.{name}: {error}") from None
     return name, params
 
 
@@ -274,7 +311,7 @@ def _model(item) -> dict:
     item = _mapping(item, "models[]")
     if item.get("arch") not in MODEL_NAMES or set(item) - {"arch", "width"}:
         raise RnpError(f"a model is {{arch: one of {', '.join(MODEL_NAMES)}, width: N}}, got {item}")
-    return {"arch": item["arch"], "width": _int(item.get("width", 16), "width")}
+    return {"arch": item["arch"], "width": _int(item.get("width", 16), "models[].width", minimum=1)}
 
 
 def _rate(value) -> float | None:
@@ -315,10 +352,74 @@ def _mapping(value, where: str) -> dict:
     return value
 
 
-def _int(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RnpError(f"{where!r} takes non-negative integers, got {value!r}")
+def _int(value, where: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RnpError(f"{where!r} takes integers >= {minimum}, got {value!r}")
     return value
+
+
+def _bool(value, where: str) -> bool:
+    """A YAML boolean; the string "false" is refused rather than read as true."""
+    if not isinstance(value, bool):
+        raise RnpError(f"{where!r} takes true or false (unquoted), got {value!r}")
+    return value
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RnpError(f"{where!r} takes a non-empty string, got {value!r}")
+    return value
+
+
+def _folder(value, where: str) -> str | None:
+    """An optional folder to write into: a string naming no existing file."""
+    if value is None:
+        return None
+    if Path(_text(value, where)).expanduser().is_file():
+        raise RnpError(f"{where!r} names a folder, but {value} is a file")
+    return value
+
+
+def _check_types(config_class, settings: dict, where: str) -> None:
+    """Each setting has the type its dataclass field declares (int, float, bool, str, None,
+    tuples of them; other types are left to the class): a wrong type fails here, in one line,
+    not as a traceback hours into the run."""
+    hints = typing.get_type_hints(config_class)
+    for name, value in settings.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise RnpError(f"{where}.{name} takes {_type_name(hints[name])}, got {value!r}")
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        return len(items) == len(value) and all(_fits(v, a) for v, a in zip(value, items))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float))
+    if hint in (str, type(None)):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint) -> str:
+    names = {bool: "true or false (unquoted)", int: "an integer", float: "a number", str: "a string",
+             type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is tuple:
+        items = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(args[0], "values")
+        return f"a list of {items}" if args[-1:] == (Ellipsis,) else f"a list of {len(args)} {items}"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _hash(description: dict) -> str:

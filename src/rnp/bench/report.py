@@ -3,6 +3,8 @@ per defense, RNP's cost against its floor, optionally the published numbers besi
 figures (DER per defense and attack, RNP's pruning curves, RNP's mask values).
 
 Every percentage is computed from the records, which hold fractions; nothing is re-measured.
+``results.md`` says which code computed the records (the cells' package fingerprints, the
+subjects' training fingerprints) and warns when they mix.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from rnp.bench.grid import NO_DEFENSE
@@ -89,6 +91,7 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
     retuned = "".join(f" ASR after {e} ep. |" for e in epochs)
     lines = [f"# {title}", "", f"{len(records)} cells. CA / ASR / RA / DER in %, before -> after; "
              "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
+             code_note(records), "",
              "| dataset | model | attack | seed | defense | CA | ASR | RA | DER | seconds | peak MB |" + retuned,
              "|---" * (11 + len(epochs)) + "|"]
     for r in records:
@@ -109,6 +112,31 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
     if compare:
         lines += ["", compare_table(records)]
     return "\n".join(lines) + "\n"
+
+
+def code_note(records: list[dict]) -> str:
+    """Which code computed the records: the package fingerprints of the cells and the training
+    fingerprints of their subjects, with a warning when either mixes or a subject's training
+    code is not known for sure (trained before fingerprints, and adopted)."""
+    cells = Counter(r["cell"].get("code") or "unknown" for r in records)
+    subjects = Counter(_subject_code(r) for r in records)
+    text = f"Code: cells by package {_counted(cells)}; subjects by training code {_counted(subjects)}."
+    if len(cells) > 1 or len(subjects) > 1 or any("unknown" in k or "adopted" in k for k in subjects):
+        return ("**Warning: these records mix code versions or rest on subjects whose training code "
+                "is not recorded**; rows from different code may not compare. " + text)
+    return text
+
+
+def _subject_code(record: dict) -> str:
+    code = record.get("subject_code") or {}
+    name = code.get("training_code") or "unknown"
+    return f"{name} (adopted, trained before fingerprints)" if code.get("adopted") else name
+
+
+def _counted(counts: Counter) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{name} ({n} cells)" for name, n in counts.most_common())
 
 
 def _memory_kinds(records: list[dict]) -> str:

@@ -3,7 +3,8 @@
 The output folder holds ``cells/<key>.json`` (one record per finished cell, written atomically
 the moment the cell ends) and the report files of :mod:`rnp.bench.report`. A rerun computes
 only the cells whose record is missing: cells of an interrupted run, or cells a changed
-setting made new. Backdoored models live in the cache, trained once per full spec.
+setting or a code change made new. Backdoored models live in the cache, trained once per full
+spec and training code (:mod:`rnp.bench.subjects` says when it trains one, and why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from rnp.bench.cells import prepare_subject, run_cell
 from rnp.bench.executors import EXECUTORS
+from rnp.bench.fingerprint import package_fingerprint, training_fingerprint
 from rnp.bench.grid import Cell, Grid
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
@@ -55,7 +57,7 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
     cells = grid_cells(grid, data_cache)
     todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]
     log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
-        f"({executor} executor)")
+        f"({executor} executor; code {package_fingerprint()}, training code {training_fingerprint()})")
     if executor not in EXECUTORS:
         raise RnpError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     if executor == "ray":  # one core per task unless told otherwise, and the GPU when cells use one

@@ -1,4 +1,23 @@
-"""Training a (backdoored) model into a run folder, resumable, and caching it by its full spec."""
+"""Training a (backdoored) model into a run folder, resumable, and caching it by its full spec.
+
+The cache (:func:`cached_run`) keys a subject on its spec (data checksum, architecture, attack
+with every parameter, training config, reference model, holdout) and on the fingerprint of the
+code that shapes a trained model (:func:`rnp.bench.fingerprint.training_fingerprint`): folder
+``<spec hash>-<training fingerprint>``. The policy, since a subject costs hours:
+
+- an edit to the training code (data, models, attacks, training, seeding) retrains, into a new
+  folder beside the old one, and says why (which other fingerprints the cache holds);
+- an edit anywhere else (defenses, benchmarks, reports, the CLI) reuses every subject;
+- a *pre-fingerprint* folder (keyed on the package version, as every subject trained before
+  this policy was) is adopted once: the first code that finds it marks it as its own
+  (``adopted.json``, with a log line saying so and how to retrain) and reuses it; code with
+  another training fingerprint retrains. Cell records say which subjects were adopted.
+
+Every run folder records the training fingerprint it was trained by (``run.json``:
+``training_code``); :func:`subject_code` reads it back for the cell records. Where the data lies
+is no part of a run's identity: a moved dataset or cache, or a worker mounting them elsewhere,
+finds the same runs.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +30,24 @@ import torch
 
 from rnp import __version__
 from rnp.attacks import Attack
+from rnp.bench.fingerprint import training_fingerprint
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
-from rnp.io.files import write_json
+from rnp.io.files import read_json, write_json
 from rnp.io.runs import (ATTACK_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE,
                          config_dict, load_run, read_run_info, save_model, write_run_files)
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig, train
 from rnp.utils import derive_seed, resolve_device
+
+ADOPTED_FILE = "adopted.json"
+"""In a pre-fingerprint subject folder: the training fingerprint that adopted it."""
+
+LEGACY_VERSION = "0.1.0"
+"""The package version every pre-fingerprint subject key hashed."""
 
 
 def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int = 16,
@@ -54,6 +80,7 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
         "train": config_dict(config),
         "holdout": holdout,
         "seed": config.seed,
+        "training_code": training_fingerprint(),
     }
     reference = _reference_model(attack, reference_run, data.checksum, cache_dir)
     if reference is not None:
@@ -67,6 +94,8 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
             return out
     elif out.exists() and any(out.iterdir()):
         raise RnpError(f"{out} exists and is not empty; choose another --out")
+    if attack is not None:  # before the folder is made or a line logged: an error stays one line
+        attack._check_target(data.train.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     hook, cover, prepare_seconds = None, torch.empty(0, dtype=torch.long), 0.0
     if attack is not None:
@@ -111,19 +140,74 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
 
 
 def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
-    """:func:`train_run` into ``cache_root/<key>``, the key hashing everything that shapes the
-    model, so each subject is trained once however many benchmarks use it."""
+    """:func:`train_run` into ``cache_root/<spec hash>-<training fingerprint>``, so each subject
+    is trained once however many benchmarks use it, and again only when the code that shapes it
+    changes (the module's policy). Says why whenever it trains."""
+    cache_root, log = Path(cache_root), kwargs.get("log", print)
+    spec, code = _subject_spec(data_spec, kwargs), training_fingerprint()
+    out = cache_root / f"{_hash(spec)}-{code}"
+    if not (out / MODEL_FILE).exists():
+        legacy = _adopted_legacy(cache_root, spec, code, log)
+        if legacy is not None:
+            return train_run(legacy, data_spec, **kwargs)
+        log(f"training subject {out.name}: {_why_train(cache_root, spec, out)}")
+    return train_run(out, data_spec, **kwargs)
+
+
+def subject_code(run_dir) -> dict:
+    """The training fingerprint a cached subject was trained by (None when unknown), and whether
+    it is a pre-fingerprint folder adopted as that code's."""
+    adopted = Path(run_dir) / ADOPTED_FILE
+    if adopted.exists():
+        return {"training_code": read_json(adopted)["training_code"], "adopted": True}
+    return {"training_code": read_run_info(run_dir).get("training_code"), "adopted": False}
+
+
+def _subject_spec(data_spec: str, kwargs: dict) -> dict:
+    """Everything that shapes the model but the code: what the cache key hashes."""
     attack, config = kwargs.get("attack"), kwargs.get("config") or TrainConfig()
     data = load_dataset(data_spec, cache_dir=kwargs.get("cache_dir"))
-    identity = {"rnp_version": __version__, "data": data.checksum, "arch": kwargs.get("arch", "preact_resnet18"),
-                "width": kwargs.get("width", 16), "attack": attack.spec() if attack else None,
-                "train": config_dict(config)}
+    spec = {"data": data.checksum, "arch": kwargs.get("arch", "preact_resnet18"),
+            "width": kwargs.get("width", 16), "attack": attack.spec() if attack else None,
+            "train": config_dict(config)}
     if attack is not None and attack.needs_reference_model and kwargs.get("reference_run"):
-        identity["reference_model"] = _sha256(Path(kwargs["reference_run"]) / MODEL_FILE)
+        spec["reference_model"] = _sha256(Path(kwargs["reference_run"]) / MODEL_FILE)
     if kwargs.get("holdout"):
-        identity["holdout"] = kwargs["holdout"]
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return train_run(Path(cache_root) / key, data_spec, **kwargs)
+        spec["holdout"] = kwargs["holdout"]
+    return spec
+
+
+def _adopted_legacy(cache_root: Path, spec: dict, code: str, log) -> Path | None:
+    """The finished pre-fingerprint folder of ``spec`` if it is (or now becomes) this training
+    code's; None when there is none or another training code adopted it."""
+    folder = cache_root / _hash({**spec, "rnp_version": LEGACY_VERSION})
+    if not (folder / MODEL_FILE).exists():
+        return None
+    marker = folder / ADOPTED_FILE
+    if marker.exists():
+        return folder if read_json(marker)["training_code"] == code else None
+    write_json(marker, {"training_code": code, "adopted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    log(f"adopting subject {folder}: trained before subjects were keyed on their training code, "
+        f"now taken as trained by this code ({code}); delete the folder to retrain it")
+    return folder
+
+
+def _why_train(cache_root: Path, spec: dict, out: Path) -> str:
+    """Why a subject is trained: resumed, retrained after a training-code change, or new."""
+    if out.exists():
+        return "resuming an interrupted training"
+    others = sorted(p.name.rsplit("-", 1)[1] for p in cache_root.glob(f"{_hash(spec)}-*") if p != out)
+    legacy = cache_root / _hash({**spec, "rnp_version": LEGACY_VERSION}) / ADOPTED_FILE
+    if legacy.exists():
+        others.append(read_json(legacy)["training_code"] + " (adopted pre-fingerprint model)")
+    if others:
+        return (f"the training code changed (this code {out.name.rsplit('-', 1)[1]}; "
+                f"the cache holds it trained by {', '.join(others)})")
+    return "not in the cache"
+
+
+def _hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached_subject(cache_root, data_spec: str, attack: Attack | None, **kwargs) -> Path:
@@ -160,5 +244,18 @@ def _sha256(path: Path) -> str:
 
 
 def _identity(info: dict) -> str:
+    """What makes two run records the same run. The holdout is part of it: a folder trained with
+    another ``--holdout`` (a record from before holdouts were kept held none out) is another run."""
     keys = ("dataset", "model", "attack", "train", "reference_run")
-    return json.dumps({k: info.get(k) for k in keys}, sort_keys=True)
+    identity = {k: info.get(k) for k in keys}
+    identity.update(dataset=_placeless(identity["dataset"], "spec"),
+                    reference_run=_placeless(identity["reference_run"], "path"),
+                    holdout=info.get("holdout") or 0)
+    return json.dumps(identity, sort_keys=True)
+
+
+def _placeless(record: dict | None, key: str) -> dict | None:
+    """``record`` without the path at ``key``: a moved dataset or cache, or a worker mounting them
+    elsewhere, holds the same run (the data checksum and the reference model's sha256 still pin
+    what they are)."""
+    return None if record is None else {k: v for k, v in record.items() if k != key}

@@ -1,0 +1,65 @@
+"""Fingerprints of the code that computed a result, so a cache never serves what older code made.
+
+The package version is no fingerprint: it stays the same across commits. These hash the source
+files of the imported package itself (so they hold for an editable checkout and an installed
+wheel alike): every ``*.py`` file under the given subfolders, in sorted order, each with its
+path relative to the package and its length, so a renamed or moved file changes the hash too.
+Each is computed once per process.
+
+- :func:`package_fingerprint` covers all of ``rnp``: it keys a grid cell (minutes to recompute).
+- :func:`training_fingerprint` covers only the code that shapes a trained model
+  (:data:`TRAINING_CODE`): it keys a subject (hours to retrain), so an edit to a defense, a
+  report or the CLI keeps every trained model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import rnp
+
+PACKAGE_ROOT = Path(rnp.__file__).resolve().parent
+
+TRAINING_CODE = ("data", "models", "attacks", "training", "utils.py")
+"""What shapes a trained model: data decoding and clean-image draws, the architectures, the
+attacks (poisoning, triggers, generators), the training loop, and the seeding helpers of
+``rnp/utils.py``. ``rnp/bench/subjects.py`` (which calls them) is left out on purpose: it also
+holds the cache's own logic, whose edits must not retrain every subject."""
+
+FINGERPRINT_LENGTH = 12
+"""Hex digits kept: enough to tell code versions apart, short enough for folder names."""
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(parts: tuple[str, ...] | None = None) -> str:
+    """The sha256 (first :data:`FINGERPRINT_LENGTH` hex digits) of the package's ``*.py`` files
+    under ``parts`` (subfolders or files relative to the package; None: the whole package)."""
+    files = sorted(_sources(parts), key=lambda p: p.relative_to(PACKAGE_ROOT).as_posix())
+    digest = hashlib.sha256()
+    for path in files:
+        content = path.read_bytes()
+        digest.update(f"{path.relative_to(PACKAGE_ROOT).as_posix()}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def package_fingerprint() -> str:
+    """The fingerprint of every source file of ``rnp``."""
+    return source_fingerprint(None)
+
+
+def training_fingerprint() -> str:
+    """The fingerprint of the code that shapes a trained model (:data:`TRAINING_CODE`)."""
+    return source_fingerprint(TRAINING_CODE)
+
+
+def _sources(parts: tuple[str, ...] | None) -> list[Path]:
+    if parts is None:
+        return list(PACKAGE_ROOT.rglob("*.py"))
+    found = []
+    for part in parts:
+        path = PACKAGE_ROOT / part
+        found.extend(path.rglob("*.py") if path.is_dir() else [path])
+    return found
