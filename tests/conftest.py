@@ -1,11 +1,30 @@
-"""Fixtures shared across test files."""
+"""Fixtures shared across test files, and the seed sweep's option."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from helpers import make_synthetic_backdoor, make_synthetic_clean_model
+from helpers import FIXTURE_SEED_VARIABLE, make_synthetic_backdoor, make_synthetic_clean_model
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fixture-seed", type=int, default=None,
+                     help="reseed every synthetic fixture (data, poisoned samples, initial weights); "
+                          "0 is the default suite. The sweep: for s in 1 2 3 4; do pytest --fixture-seed $s; "
+                          "done")
+
+
+def pytest_configure(config):
+    seed = config.getoption("--fixture-seed")
+    if seed is not None:
+        os.environ[FIXTURE_SEED_VARIABLE] = str(seed)
+
+
+def pytest_report_header(config):
+    return f"fixture seed: {os.environ.get(FIXTURE_SEED_VARIABLE, '0')}"
 
 
 @pytest.fixture(scope="session")

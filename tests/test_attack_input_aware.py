@@ -156,8 +156,11 @@ def test_triggers_are_input_aware_deterministic_and_in_range(trained):
     assert torch.equal(out, trained.apply_trigger(batch))
     opposite = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
     patterns, masks = trained.patterns(opposite), trained.masks(opposite)
-    assert (patterns[0] - patterns[1]).abs().max() > 1e-2
-    assert (masks[0] - masks[1]).abs().max() > 1e-2
+    # Opposite inputs get other patterns and masks. How far apart depends on the few training
+    # steps: over fixture seeds 0-4 the patterns differed by 0.005-0.59 and the masks by 0.12-0.97
+    # at most, so the bounds sit well below those and far above rounding noise (1e-7).
+    assert (patterns[0] - patterns[1]).abs().max() > 1e-3
+    assert (masks[0] - masks[1]).abs().max() > 2e-2
     assert not torch.equal(out, batch)
 
 

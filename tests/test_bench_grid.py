@@ -16,7 +16,7 @@ import torch
 
 from rnp.bench import cells as cells_module
 from rnp.bench.executors import LocalExecutor, RayExecutor
-from rnp.bench.grid import parse_grid
+from rnp.bench.grid import load_grid, parse_grid
 from rnp.bench.runner import run_grid
 from rnp.cli.main import main
 from rnp.errors import RnpError
@@ -173,10 +173,46 @@ def test_a_defense_that_does_not_apply_is_a_finished_cell(data, tmp_path):
     ({"models": [{"arch": "resnet18", "depth": 3}]}, "a model is"),
     ({"retuning": {"epochs": [0]}}, "retuning epochs"),
     ({"colour": "red"}, "unknown grid key"),
+    ({"clean_size": 0}, "'clean_size' takes integers >= 1, got 0"),
+    ({"train": {"epochs": "ten"}}, "train.epochs takes an integer, got 'ten'"),
+    ({"train": {"epochs": 0}}, "train: epochs"),
+    ({"train": {"augment": "no"}}, "train.augment takes true or false"),
+    ({"train": {"lr": True}}, "train.lr takes a number"),
+    ({"reduced_attacks": "false"}, "'reduced_attacks' takes true or false \\(unquoted\\), got 'false'"),
+    ({"datasets": {"tiny": "no/such/data"}}, "datasets.tiny: no such file or folder"),
+    ({"datasets": {"tiny": 3}}, "'datasets.tiny' takes a non-empty string"),
+    ({"models": [{"arch": "preact_resnet18", "width": 0}]}, "'models\\[\\].width' takes integers >= 1"),
+    ({"attacks": [{"name": "badnets", "size": "4"}]}, "attacks.badnets.size takes an integer"),
+    ({"defenses": {"rnp": {"unlearn_epochs": "2"}}}, "defenses.rnp.unlearn_epochs takes an integer"),
+    ({"retuning": {"epochs": ["one"]}}, "retuning.epochs takes a list of integers, got \\['one'\\]"),
+    ({"curve_images": -1}, "'curve_images' takes integers >= 0"),
+    ({"seeds": [0.5]}, "'seeds' takes integers"),
+    ({"name": ["x"]}, "'name' takes a non-empty string"),
+    ({"output": 7}, "'output' takes a non-empty string"),
 ])
 def test_grid_mistakes_are_one_line_errors(data, change, message):
-    with pytest.raises(RnpError, match=message):
+    with pytest.raises(RnpError, match=message) as error:
         parse_grid(grid_dict(data, **change))
+    assert "\n" not in str(error.value)
+
+
+def test_grid_values_of_the_right_types_are_kept(data, tmp_path):
+    grid = parse_grid(grid_dict(data, reduced_attacks=False, train={"epochs": 1, "lr": 1, "milestones": [1]},
+                                attacks=[{"name": "badnets", "size": 2}], output=str(tmp_path / "o")))
+    assert grid.reduced_attacks is False and grid.train["lr"] == 1 and grid.attacks == [("badnets", {"size": 2})]
+    assert grid.output == str(tmp_path / "o")
+
+
+def test_a_grid_file_is_checked_whole_before_any_work(data, tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"datasets: {{tiny: {data}}}\nattacks: [badnets]\ndefenses: [none]\n"
+                    f"reduced_attacks: 'false'\ncache: {path}\n")
+    assert main(["bench", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reduced_attacks" in err and not (tmp_path / "out").exists()
+    path.write_text(path.read_text().replace("'false'", "false"))
+    with pytest.raises(RnpError, match=f"{path}: 'cache' names a folder, but {path} is a file"):
+        load_grid(path)
 
 
 def test_bench_cli_reports_a_bad_grid_file_on_one_line(tmp_path, capsys):

@@ -7,10 +7,13 @@ import shutil
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from rnp.cli import inspection
 from rnp.cli.main import main
+from rnp.detection.poisoned_samples import LossScore
 from rnp.io.checkpoint import load_checkpoint
 from helpers import write_dataset
 from test_cli import TINY, _environment, run_cli  # noqa: F401 (autouse fixture)
@@ -82,6 +85,40 @@ def test_scan_data_scores_every_sample_with_known_poison(capsys, run, tmp_path):
     assert (out / "scores_unlearned.png").exists()
 
 
+def test_scan_data_calibrates_on_clean_images_the_unlearning_never_saw(capsys, run, tmp_path, monkeypatch):
+    unlearned_on, loss_scored = [], []
+    real_expose, real_score = inspection.expose, LossScore.score
+
+    def spy_expose(model, clean, *args, **kwargs):
+        unlearned_on.append(clean.images)
+        return real_expose(model, clean, *args, **kwargs)
+
+    def spy_score(self, model, data, *args, **kwargs):
+        loss_scored.append(data.images)
+        return real_score(self, model, data, *args, **kwargs)
+
+    monkeypatch.setattr(inspection, "expose", spy_expose)
+    monkeypatch.setattr(LossScore, "score", spy_score)
+    out = tmp_path / "scan"
+    code, stdout, _ = run_cli(capsys, "scan-data", "--run", run, "--out", out, *FAST,
+                              "--detectors", "unlearned", "loss")
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["clean_set"] == {"size": 20, "seed": 0, "unlearning": 16, "calibration": 4}
+    (unlearned,), (scanned, held_out) = unlearned_on, loss_scored
+    assert len(unlearned) == 16 and len(held_out) == 4
+    assert not (held_out[:, None] == unlearned[None]).flatten(2).all(2).any()  # disjoint images
+    with (out / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for name in ("unlearned", "loss"):
+        entry = report["detectors"][name]
+        # the csv holds each float32 score in 9 digits: read back as float32, it is exact
+        clean_scores = [float(np.float32(r[name])) for r in rows if r["poisoned"] == "0"]
+        flagged_clean = sum(s > entry["threshold"] for s in clean_scores)
+        assert entry["fpr_scanned_clean"] == pytest.approx(flagged_clean / len(clean_scores), abs=1e-4)
+        assert entry["fpr_held_out"] == 0.0 and entry["target_fpr"] == 0.05  # 5% of 4 images: none above
+    assert "FPR held-out" in stdout and "4 held-out clean images" in (out / "summary.md").read_text()
+
+
 def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path):
     out = tmp_path / "scan"
     indices = tmp_path / "poisoned.txt"
@@ -96,6 +133,7 @@ def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path)
 @pytest.mark.parametrize("argv, message", [
     (["--detectors", "nope"], "invalid choice"),
     (["--data", "x"], "--model FILE"),
+    (["--clean-size", "1"], "--clean-size 2 or more"),
 ])
 def test_scan_data_bad_input_is_one_line(capsys, run, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "scan-data", "--run", run, "--out", tmp_path / "o", *argv)

@@ -88,7 +88,9 @@ def test_batchnorm_after_an_activation_is_not_paired_even_in_place():
         assert conv_batchnorm_pairs(model, torch.zeros(1, 3, 8, 8)) == ([], ["2"])
 
 
-def test_pruned_channels_are_the_layer_outliers_and_are_zero(result, synthetic_backdoor):
+def test_pruned_channels_are_the_layer_outliers_and_are_zero(synthetic_backdoor):
+    # u = 2.5 pruned 4-9 channels over fixture seeds 0-4; the default u = 3 pruned none on one
+    result = CLP(u=2.5).fit(synthetic_backdoor.model, synthetic_backdoor.clean)
     pruning = result.report["pruning"]
     scores = result.artifacts["bounds"]
     assert pruning["pruned"] == len(pruning["channels"]) > 0
@@ -98,7 +100,7 @@ def test_pruned_channels_are_the_layer_outliers_and_are_zero(result, synthetic_b
     chosen = {(c["layer"], c["channel"]) for c in pruning["channels"]}
     for index, layer in enumerate(scores.layer_names):
         values = scores.values[scores.layers == index]
-        threshold = values.mean() + 3 * values.std()
+        threshold = values.mean() + 2.5 * values.std()
         for channel, value in enumerate(values.tolist()):
             pruned = (layer, channel) in chosen
             assert pruned == (value > threshold)
@@ -133,15 +135,16 @@ def test_zero_shift_off_keeps_beta(synthetic_backdoor):
     assert purified[f"{layer}.bias"][k] == original[f"{layer}.bias"][k] != 0
 
 
-def test_paper_default_misses_this_backdoor_and_u_2_removes_it(result, synthetic_backdoor):
-    """On the tiny synthetic backdoor (8-64 channels per layer) u = 3 prunes 2 channels and the
-    backdoor survives; u = 2 removes it at almost no clean cost."""
+def test_paper_default_misses_this_backdoor_and_a_lower_u_prunes_more(result, synthetic_backdoor):
+    """On the tiny synthetic backdoor (8-64 channels per layer) u = 3 prunes 0-2 channels and the
+    backdoor survives (ASR 1.00 over fixture seeds 0-4). Lowering u prunes more (u = 2: 8-19
+    channels, u = 1: 69-84), but no u removed the backdoor at a small clean cost on every seed
+    (u = 2 did on one of five), so CLP's efficacy is measured in the CIFAR-10 benchmarks."""
     sb = synthetic_backdoor
     default = evaluate_backdoor(result.model, sb.test, sb.triggered)
     assert default.attack_success_rate > 0.9
-    stronger = evaluate_backdoor(CLP(u=2.0).fit(sb.model, sb.clean).model, sb.test, sb.triggered)
-    assert stronger.attack_success_rate < 0.3
-    assert stronger.clean_accuracy >= 0.98
+    counts = [len(CLP(u=u).fit(sb.model, sb.clean).report["pruning"]["channels"]) for u in (3.0, 2.0, 1.0)]
+    assert counts[0] <= 3 and counts[0] < counts[1] < counts[2]
 
 
 def test_data_free_the_clean_images_do_not_matter(synthetic_backdoor, result):

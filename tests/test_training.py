@@ -31,7 +31,7 @@ def small_config(**changes) -> TrainConfig:
 
 def test_train_lowers_the_loss():
     data = separable_image_set(n=32)
-    model = tiny_cnn()
+    model = tiny_cnn(width=8)  # at width 4 one fixture seed of five starts with every ReLU dead
     before = dataset_loss(model, data)
     history = train(model, data, small_config(epochs=3, lr=0.1, augment=False, schedule="constant"),
                     progress=False)
@@ -130,7 +130,7 @@ def test_run_epoch_after_step_true_stops_early():
 @pytest.mark.parametrize("ascent", [True, False])
 def test_run_epoch_ascent_increases_the_loss(ascent):
     data = separable_image_set(n=32)
-    model = tiny_cnn()
+    model = tiny_cnn(width=8)  # at width 4 one fixture seed of five starts with every ReLU dead
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     before = dataset_loss(model, data)
     for _ in range(2):

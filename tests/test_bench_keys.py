@@ -1,0 +1,149 @@
+"""Cache keys of ``rnp bench``: cells are keyed on the package's source, subjects on the training
+code's, pre-fingerprint subjects are adopted once, and moving the data keeps every subject.
+
+One tiny subject (90 training images, width 4, one epoch) per test, defended by ``none`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import rnp
+from rnp.bench import fingerprint, grid as grid_module, subjects
+from rnp.bench.grid import parse_grid
+from rnp.bench.report import code_note
+from rnp.bench.runner import run_grid
+from rnp.bench.suite import suite_attack
+from rnp.data.sources import load_dataset
+from rnp.io.runs import config_dict
+from rnp.training import TrainConfig
+
+from helpers import write_dataset
+from test_bench_grid import FT_FAST, grid_dict
+from test_cli import _environment  # noqa: F401 (autouse fixture: private cache, one thread)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """A dataset of this test's own, so a test may move it."""
+    return write_dataset(tmp_path / "data", classes=3, n_train=90, n_test=30)
+
+
+def small_grid(data: Path, **overrides):
+    return parse_grid(grid_dict(data, **{"defenses": {"none": {}}, "retuning": None, **overrides}))
+
+
+def run(grid, tmp_path: Path, lines: list | None = None):
+    log = (lambda line: lines.append(line)) if lines is not None else (lambda line: None)
+    return run_grid(grid, tmp_path / "out", cache=tmp_path / "models", log=log)
+
+
+def test_fingerprints_hash_the_imported_package_source(tmp_path, monkeypatch):
+    assert fingerprint.PACKAGE_ROOT == Path(rnp.__file__).resolve().parent
+    copy = tmp_path / "rnp"
+    shutil.copytree(fingerprint.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_ROOT", copy)
+
+    def both():
+        fingerprint.source_fingerprint.cache_clear()
+        return fingerprint.package_fingerprint(), fingerprint.training_fingerprint()
+
+    try:
+        package, training = both()
+        assert len(package) == len(training) == fingerprint.FINGERPRINT_LENGTH and package != training
+        (copy / "defenses" / "rnp.py").write_text((copy / "defenses" / "rnp.py").read_text() + "\n# edit\n")
+        edited_defense = both()
+        assert edited_defense[0] != package and edited_defense[1] == training  # subjects survive
+        (copy / "training" / "loop.py").rename(copy / "training" / "loop2.py")
+        moved = both()
+        assert moved[0] != edited_defense[0] and moved[1] != training  # a renamed file counts
+    finally:
+        fingerprint.source_fingerprint.cache_clear()
+
+
+def test_a_code_change_recomputes_cells_but_keeps_subjects(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    record = first.records[0]
+    assert record["cell"]["code"] == fingerprint.package_fingerprint()
+    assert record["subject_code"] == {"training_code": fingerprint.training_fingerprint(), "adopted": False}
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "0ther0code000")
+    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("a subject was retrained"))
+    second = run(small_grid(data), tmp_path)
+    assert len(second.computed) == 1 and second.records[0]["key"] != record["key"]  # not the stale record
+    assert second.records[0]["subject_run"] == record["subject_run"]
+
+
+def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    old = fingerprint.training_fingerprint()
+    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    lines = []
+    second = run(small_grid(data), tmp_path, lines)
+    assert second.records[0]["subject_run"] != first.records[0]["subject_run"]
+    assert second.records[0]["subject_code"]["training_code"] == "newtraining0"
+    why = [line for line in lines if "training subject" in line]
+    assert len(why) == 1 and "training code changed" in why[0] and old in why[0]
+    assert why[0].startswith("tiny preact_resnet18-w4 badnets seed 0:")
+
+
+def legacy_key(data: Path, grid) -> str:
+    """The key every subject was cached under before fingerprints (the package version hashed)."""
+    subject = grid.subjects()[0]
+    attack = suite_attack(subject.attack, seed=subject.seed)
+    identity = {"rnp_version": "0.1.0", "data": load_dataset(data).checksum, "arch": subject.arch,
+                "width": subject.width, "attack": attack.spec(),
+                "train": config_dict(TrainConfig(**subject.train, seed=subject.seed))}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_pre_fingerprint_subject_is_adopted_once_and_said_so(data, tmp_path, monkeypatch):
+    grid = small_grid(data)
+    trained = Path(run(grid, tmp_path).records[0]["subject_run"])
+    legacy = trained.parent / legacy_key(data, grid)
+    trained.rename(legacy)
+    info = json.loads((legacy / "run.json").read_text())
+    del info["training_code"]  # as a pre-fingerprint run.json
+    (legacy / "run.json").write_text(json.dumps(info))
+    shutil.rmtree(tmp_path / "out")
+    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("the legacy subject was retrained"))
+    lines = []
+    adopted = run(grid, tmp_path, lines)
+    record = adopted.records[0]
+    assert record["subject_run"] == str(legacy) and any("adopting subject" in line for line in lines)
+    assert record["subject_code"] == {"training_code": fingerprint.training_fingerprint(), "adopted": True}
+    assert "Warning" in code_note(adopted.records) and "adopted" in code_note(adopted.records)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    lines = []
+    retrained = run(grid, tmp_path, lines)
+    assert retrained.records[0]["subject_run"] != str(legacy)  # adopted by other training code
+    assert any("training code changed" in line and "adopted" in line for line in lines)
+
+
+def test_moving_the_data_keeps_the_subject(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    moved = data.rename(tmp_path / "elsewhere")
+    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("the subject was retrained"))
+    again = run(small_grid(moved, defenses={"none": {}, "ft": FT_FAST}), tmp_path)
+    assert not again.failures and len(again.computed) == 1  # the ft cell, on the same subject
+    assert {r["subject_run"] for r in again.records} == {first.records[0]["subject_run"]}
+    assert again.records[0]["key"] == first.records[0]["key"]  # the data enters by its checksum
+
+
+def test_the_report_says_when_records_mix_code():
+    def record(code, training, adopted=False):
+        return {"cell": {"code": code}, "subject_code": {"training_code": training, "adopted": adopted}}
+
+    same = [record("aaa", "ttt"), record("aaa", "ttt")]
+    assert code_note(same) == "Code: cells by package aaa; subjects by training code ttt."
+    mixed = code_note([record("aaa", "ttt"), record("bbb", "ttt")])
+    assert mixed.startswith("**Warning") and "aaa (1 cells), bbb (1 cells)" in mixed
+    assert "unknown" in code_note([{"cell": {}, "key": "old record"}])
