@@ -37,8 +37,9 @@ pytestmark = [pytest.mark.ray_cluster,
               pytest.mark.skipif(not RAY.exists(), reason="needs Ray: pip install 'rnp[ray]'")]
 GRID = {"name": "cluster", "models": [{"arch": "preact_resnet18", "width": 4}],
         "train": {"epochs": 1, "batch_size": 16}, "attacks": ["badnets"], "seeds": [0],
-        "defenses": {"ft": {"epochs": 3, "batch_size": 16},
-                     "rnp": {"unlearn_epochs": 3, "recover_epochs": 5, "batch_size": 16}},
+        # long enough (a few seconds a cell) for the test to catch a worker running one
+        "defenses": {"ft": {"epochs": 100, "batch_size": 16},
+                     "rnp": {"unlearn_epochs": 3, "recover_epochs": 150, "batch_size": 16}},
         "clean_size": 40, "curve_images": 10}
 DRIVER = """
 import json, sys
