@@ -139,14 +139,17 @@ def make_synthetic_clean_model() -> nn.Module:
         torch.set_num_threads(threads)
 
 
-def write_dataset(root: Path, classes: int, n_train: int = 40, n_test: int = 20) -> Path:
-    """An image-folder tree ``train/<class>/*.png``, ``test/<class>/*.png`` of 16x16 images."""
+def write_dataset(root: Path, classes: int, n_train: int = 40, n_test: int = 20,
+                  channels: int = 3) -> Path:
+    """An image-folder tree ``train/<class>/*.png``, ``test/<class>/*.png`` of 16x16 images,
+    RGB or (``channels=1``) grayscale, brighter by class."""
     rng = np.random.default_rng(fixture_seed(classes))
     for split, count in (("train", n_train), ("test", n_test)):
         for index in range(count):
             label = index % classes
             folder = root / split / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 64, (16, 16, 3)) + 60 * label
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index:03d}.png")
+            pixels = rng.integers(0, 64, (16, 16, 3) if channels == 3 else (16, 16)) + 60 * label
+            Image.fromarray(pixels.astype(np.uint8), mode="RGB" if channels == 3 else "L").save(
+                folder / f"{index:03d}.png")
     return root

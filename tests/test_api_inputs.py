@@ -13,13 +13,12 @@ import logging
 import math
 import typing
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from helpers import fixture_seed, separable_image_set, tiny_image_set
+from helpers import fixture_seed, separable_image_set, tiny_image_set, write_dataset
 from rnp import RNP
 from rnp.attacks.base import TriggeredSet
 from rnp.cli.main import main
@@ -327,22 +326,9 @@ def test_rgb_model_refuses_grayscale_images_instead_of_broadcasting():
     assert RNP(**TINY_RNP).fit(tiny_model(channels=1), gray).model.conv1.in_channels == 1
 
 
-def write_gray_dataset(root, classes: int = 3, n_train: int = 30, n_test: int = 15):
-    """An image-folder tree of 16x16 grayscale ("L") PNG images, brightness by class."""
-    rng = np.random.default_rng(fixture_seed(classes))
-    for split, count in (("train", n_train), ("test", n_test)):
-        for index in range(count):
-            label = index % classes
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (rng.integers(0, 64, (16, 16)) + 60 * label).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / f"{index:03d}.png")
-    return root
-
-
 def test_cli_trains_and_defends_on_grayscale_images(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RNP_CACHE_DIR", str(tmp_path / "cache"))
-    data, run, out = write_gray_dataset(tmp_path / "gray"), tmp_path / "run", tmp_path / "rnp"
+    data, run, out = write_dataset(tmp_path / "gray", classes=3, n_train=30, n_test=15, channels=1), tmp_path / "run", tmp_path / "rnp"
     assert main(["train", "--data", str(data), "--model", "preact_resnet18", "--width", "4",
                  "--epochs", "1", "--batch-size", "16", "--attack", "badnets", "--target", "0",
                  "--out", str(run), "--quiet"]) == 0

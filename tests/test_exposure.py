@@ -9,14 +9,9 @@ from torch import nn
 import rnp.detection
 from rnp.defenses import FP, RNP, ExposedFP
 from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
-from rnp.attacks import BadNets
 from rnp.detection.poisoned_samples import LossScore, UnlearnedMargin
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr
-from rnp.data import select_clean_subset
-from rnp.models import build_model
-from rnp.training import TrainConfig, train
-from helpers import smooth_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

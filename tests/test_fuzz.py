@@ -51,7 +51,7 @@ from rnp.models import build_model, model_spec
 from rnp.training import TrainConfig
 
 from helpers import fixture_seed, tiny_image_set, write_dataset
-from test_cli import _Malicious, assert_one_line_error
+from test_cli import _Malicious, _environment, assert_one_line_error  # noqa: F401 (autouse fixture)
 
 SEED = 13
 MIN_CASES = 150
@@ -600,17 +600,6 @@ CASES = generate_cases()
 
 
 # -- the inputs, built once --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment(tmp_path_factory):
-    """A private dataset cache and one torch thread (tiny models run faster without contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RNP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 def _copy_dataset(source: Path, target: Path) -> Path:

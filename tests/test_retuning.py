@@ -11,7 +11,6 @@ from rnp.attacks import BadNets
 from rnp.attacks.base import PoisonedSet
 from rnp.bench.retuning import RetuningConfig, retune, retuning_set
 from rnp.errors import RnpError
-from rnp.metrics import evaluate_backdoor
 
 from helpers import smooth_images
 
