@@ -146,7 +146,7 @@ class Cell:
     def control(self) -> Subject | None:
         """The clean subject the undefended cell also re-tunes, as the re-tuning attack's
         control (how far a model that never had the backdoor learns it from the same few
-        poisoned samples)."""
+        poisoned samples), and whose clean accuracy the attack properties compare with."""
         if self.subject.attack == NO_ATTACK or self.defense != NO_DEFENSE:
             return None
         if self.retuning is not None or self.attack_properties:
