@@ -1,6 +1,6 @@
 """A picture of every attack's test-time trigger: clean image, triggered image, and the change.
 
-Uses the same cached subjects as ``attacks_cifar10.py`` (so the generator-based attacks show
+Uses the same cached subjects as ``grids/attacks.yaml`` (so the generator-based attacks show
 the generators trained there; a missing subject is trained first) and writes one PNG: a row per
 attack with four test images, each as clean | triggered | |difference| amplified 5x.
 

@@ -1,6 +1,7 @@
 """Benchmarks: grids of attacks x defenses x seeds (:func:`load_grid`, :func:`run_grid`,
-:func:`write_report`), the test subjects they train once and cache, the re-tuning attack and
-RNP's cost floor."""
+:func:`write_report`), the test subjects they train once and cache, the re-tuning attack,
+RNP's cost floor, and what an undefended cell measures about its subject (attack properties,
+exposure)."""
 
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import Grid, load_grid, parse_grid

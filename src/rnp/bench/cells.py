@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import platform
+import statistics
 import time
 
 import torch
@@ -19,11 +21,13 @@ import torch
 from rnp import __version__
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
+from rnp.bench.measurements import attack_properties, measure_exposure
 from rnp.bench.memory import PeakMemory
 from rnp.bench.retuning import retune, retuning_set
 from rnp.bench.subjects import cached_subject, subject_code
 from rnp.data.clean_subset import select_clean_subset
 from rnp.defenses import DEFENSES, DefenseResult
+from rnp.defenses.masks import channels_pruned
 from rnp.defenses.rnp import threshold_sweep
 from rnp.errors import RnpError
 from rnp.io.files import read_json
@@ -48,13 +52,14 @@ def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = No
 def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_cache: str | None = None,
              device="cpu", threads: int | None = None) -> dict:
     """Defends the cell's subject and returns the cell's record. ``control_dir`` is the run of
-    the cell's clean control subject (:attr:`Cell.control`), re-tuned beside the defended model."""
+    the cell's clean control subject (:attr:`Cell.control`), re-tuned beside the defended model
+    and the clean twin whose accuracy the attack properties compare with."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
     subject = _load_subject(run_dir, data_cache, cell.subject.data_spec)
     model = subject["run"].model.to(device)
-    clean, indices = select_clean_subset(subject["pool"], cell.clean_size, seed=cell.subject.seed,
+    clean, indices = select_clean_subset(subject["pool"], cell.clean_size, seed=cell.seed,
                                          exclude=subject["exclude"])
     before = subject["before"]
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
@@ -63,24 +68,74 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
               "before": before.to_dict()}
     try:
         with PeakMemory(device) as peak:
-            start = time.perf_counter()
-            result = _defend(cell, model, clean)
-            seconds = time.perf_counter() - start
+            runs = [_timed_defense(cell, model, clean, device) for _ in range(cell.repeats)]
     except RnpError as error:  # the defense does not apply to this model (e.g. CLP without BN)
         return {**record, "status": "not_applicable", "error": str(error)}
+    result = runs[0][0]
+    seconds = statistics.median(s for _, s, _ in runs)
     after = evaluate_backdoor(result.model, subject["run"].data.test, subject["triggered"], device=device)
-    record.update(status="ok", after=after.to_dict(), der=der(before, after), seconds=seconds,
-                  stages=result.timings, peak_memory_mb=peak.megabytes, memory_kind=peak.kind,
-                  summary=report_summary(result.report))
+    record.update(status="ok", after=after.to_dict(),
+                  der=der(before, after) if before.attack_success_rate is not None else None,
+                  seconds=seconds, stages=_median_stages([r for r, _, _ in runs]),
+                  peak_memory_mb=peak.megabytes, memory_kind=peak.kind, summary=report_summary(result.report))
+    if cell.repeats > 1:
+        record["repeats"] = {"seconds": [s for _, s, _ in runs],
+                             "agree": len({_digest(r.model) for r, _, _ in runs}) == 1}
     if cell.defense == "rnp":
         record["rnp"] = _rnp_details(cell, result, subject, device)
-        floor = optimisation_floor(model, clean, images=rnp_floor_images(result),
-                                   batch_size=result.report["config"]["batch_size"], device=device)
-        record["rnp"].update(floor_seconds=floor, floor_ratio=seconds / floor)
+        record["rnp"].update(floor_seconds=statistics.median(f for _, _, f in runs),
+                             floor_ratio=statistics.median(s / f for _, s, f in runs))
+    if cell.measures_subject:
+        record.update(_subject_measurements(cell, model, clean, subject, control_dir))
     if cell.retuning is not None:
         control = _load_model(control_dir).to(device) if control_dir else None
         record["retuning"] = _retuning(cell, result.model, subject, control)
     return record
+
+
+def _timed_defense(cell: Cell, model, clean, device) -> tuple[DefenseResult, float, float | None]:
+    """One run of the cell's defense: its result, its seconds, and for RNP the seconds of its
+    optimisation floor, timed right after it on the same model."""
+    start = time.perf_counter()
+    result = _defend(cell, model, clean)
+    seconds = time.perf_counter() - start
+    floor = None
+    if cell.defense == "rnp":
+        floor = optimisation_floor(model, clean, images=rnp_floor_images(result),
+                                   batch_size=result.report["config"]["batch_size"], device=device)
+    return result, seconds, floor
+
+
+def _median_stages(results: list[DefenseResult]) -> dict:
+    return {stage: statistics.median(r.timings[stage] for r in results) for stage in results[0].timings}
+
+
+def _digest(model) -> str:
+    """The defended model's weights, hashed: repeats of a cell must agree on them."""
+    sha = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def _subject_measurements(cell: Cell, model, clean, subject: dict, control_dir: str | None) -> dict:
+    """The undefended cell's measurements of its subject (:mod:`rnp.bench.measurements`)."""
+    run, found = subject["run"], {}
+    if cell.attack_properties and run.attack is not None:
+        twin = read_json(f"{control_dir}/{METRICS_FILE}") if control_dir else None
+        found["attack_properties"] = attack_properties(run, read_json(f"{run.path}/{METRICS_FILE}"), twin)
+    if cell.exposure is not None:
+        poisoned = _poisoned_train(subject) if run.attack is not None else None
+        found["exposure"] = measure_exposure(run, model, clean, poisoned, cell.exposure, seed=cell.seed)
+    return found
+
+
+def _poisoned_train(subject: dict):
+    """The subject's training set as it was trained on, rebuilt once per subject."""
+    cache = subject["poisoned_train"]
+    if "set" not in cache:
+        cache["set"] = subject["run"].poisoned_train(cache_dir=subject["data_cache"])
+    return cache["set"]
 
 
 def _defend(cell: Cell, model, clean) -> DefenseResult:
@@ -128,7 +183,17 @@ def _rnp_details(cell: Cell, result, subject: dict, device) -> dict:
 
         details["curve"] = threshold_sweep(result, oracle)
         details["curve_kind"] = f"oracle analysis on {len(test_pick)} test images"
+        if cell.prune_counts:
+            details["prefix_curve"] = [_pruned_first(result, count, oracle) for count in cell.prune_counts]
     return details
+
+
+def _pruned_first(result, count: int, oracle) -> dict:
+    """The oracle's CA and ASR after pruning the first ``count`` channels in RNP's mask order
+    (how well the masks rank the backdoor channels, whatever the pruning rule chose)."""
+    original, masks, order = (result.artifacts[k] for k in ("original_model", "masks", "order"))
+    with channels_pruned(original, masks, order[:count]) as pruned:
+        return {"count": count, **oracle(pruned)}
 
 
 def _retuning(cell: Cell, model, subject: dict, control=None) -> dict:
@@ -136,13 +201,10 @@ def _retuning(cell: Cell, model, subject: dict, control=None) -> dict:
     model (clean), its ASR after the same retuning too."""
     config = copy.copy(cell.retuning)
     config.seed = cell.subject.seed
-    cache = subject["poisoned_train"]
-    if "set" not in cache:
-        cache["set"] = subject["run"].poisoned_train(cache_dir=subject["data_cache"])
     run = subject["run"]
     rate = len(run.poisoned_indices) / len(run.data.train)
     try:
-        data, poisoned = retuning_set(cache["set"], config, rate)
+        data, poisoned = retuning_set(_poisoned_train(subject), config, rate)
     except RnpError as error:
         return {"error": str(error)}
     asr = retune(model, data, subject["triggered"], config)
@@ -167,7 +229,8 @@ def _labels(cell: Cell) -> dict:
     """The short names the tables print."""
     subject = cell.subject
     return {"dataset": subject.dataset, "model": f"{subject.arch}-w{subject.width}",
-            "attack": subject.label, "seed": subject.seed, "defense": cell.name or cell.defense}
+            "attack": subject.label, "seed": subject.seed, "defense": cell.name or cell.defense,
+            **({"clean_seed": cell.clean_seed} if cell.clean_seed is not None else {})}
 
 
 def _environment(device) -> dict:

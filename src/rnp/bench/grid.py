@@ -12,7 +12,7 @@ so a finished cell is recognised on a later run and a changed setting or a code 
 new cell. Cells share a :class:`Subject` (the backdoored model) when they differ only in the
 defense; subjects are cached by :func:`rnp.bench.subjects.cached_subject`.
 
-Example (``benchmarks/grids/`` holds the README's)::
+Example (``benchmarks/grids/`` holds every study's)::
 
     name: cpu
     datasets: {cifar10: ../shared/data/cifar10/cifar10-jpeg.zip}
@@ -24,6 +24,14 @@ Example (``benchmarks/grids/`` holds the README's)::
     defenses: {none: {}, rnp: {}, anp: {iterations: 200}}
     clean_size: 500
     retuning: {epochs: [1, 5, 20]}
+
+Besides the defenses, a grid may measure (each study of ``benchmarks/grids/`` uses some):
+``clean_seeds`` draws the clean set and seeds the defense several times on each subject;
+``repeats`` times every defense several times (median seconds, results checked equal);
+``prune_counts`` adds RNP's oracle ranking (CA / ASR after pruning its first k channels);
+``attack_properties`` and ``exposure`` (:mod:`rnp.bench.measurements`) measure each subject in
+its undefended cell. An attack entry may carry its own ``poison_rate`` and ``seeds``, and the
+attack ``none`` is a clean subject.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from pathlib import Path
 from rnp import __version__
 from rnp.attacks import ATTACKS
 from rnp.bench.fingerprint import package_fingerprint
+from rnp.bench.measurements import ExposureConfig
 from rnp.bench.retuning import RetuningConfig
 from rnp.bench.suite import suite_attack
 from rnp.defenses import DEFENSES
@@ -54,7 +63,8 @@ NO_ATTACK = "none"
 """The attack name of a clean subject (the re-tuning attack's control)."""
 
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
-             "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output"}
+             "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output",
+             "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ class Subject:
 
     @property
     def label(self) -> str:
+        if self.attack == NO_ATTACK:
+            return "clean"
         rate = "" if self.poison_rate is None else f"@{self.poison_rate:g}"
         params = "".join(f",{k}={v}" for k, v in sorted(self.attack_params.items()))
         return f"{self.attack}{params}{rate}"
@@ -114,13 +126,30 @@ class Cell:
     name: str = ""
     code: str = ""
     key: str = ""
+    clean_seed: int | None = None
+    repeats: int = 1
+    prune_counts: tuple[int, ...] = ()
+    attack_properties: bool = False
+    exposure: ExposureConfig | None = None
+
+    @property
+    def seed(self) -> int:
+        """The seed of the clean set and the defense: the clean seed, else the subject's."""
+        return self.subject.seed if self.clean_seed is None else self.clean_seed
+
+    @property
+    def measures_subject(self) -> bool:
+        """Whether this cell (the undefended one) measures its subject."""
+        return self.defense == NO_DEFENSE and (self.attack_properties or self.exposure is not None)
 
     @property
     def control(self) -> Subject | None:
         """The clean subject the undefended cell also re-tunes, as the re-tuning attack's
         control (how far a model that never had the backdoor learns it from the same few
-        poisoned samples)."""
-        if self.defense == NO_DEFENSE and self.retuning is not None:
+        poisoned samples), and whose clean accuracy the attack properties compare with."""
+        if self.subject.attack == NO_ATTACK or self.defense != NO_DEFENSE:
+            return None
+        if self.retuning is not None or self.attack_properties:
             return self.subject.clean_twin()
         return None
 
@@ -131,14 +160,24 @@ class Cell:
         subject = {k: v for k, v in dataclasses.asdict(self.subject).items() if k != "data_spec"}
         return {"rnp_version": __version__, "code": self.code,
                 "subject": subject, "data_checksum": self.data_checksum,
-                "attack_spec": self.subject.build_attack().spec(),
+                "attack_spec": attack.spec() if (attack := self.subject.build_attack()) else None,
                 "train_config": config_dict(self.subject.train_config()),
                 "defense": self.defense,
                 "defense_config": config_dict(config) if config is not None else {},
                 "clean_size": self.clean_size,
                 "retuning": config_dict(self.retuning) if self.retuning else None,
                 "curve_images": self.curve_images if self.defense == "rnp" else 0,
-                **({"name": self.name} if self.name and self.name != self.defense else {})}
+                **({"name": self.name} if self.name and self.name != self.defense else {}),
+                **self._measurements()}
+
+    def _measurements(self) -> dict:
+        """The optional measurements that are on, so a grid without them keeps its keys."""
+        subject = self.measures_subject
+        extras = {"clean_seed": self.clean_seed, "repeats": self.repeats if self.repeats > 1 else None,
+                  "prune_counts": list(self.prune_counts) if self.defense == "rnp" and self.prune_counts else None,
+                  "attack_properties": True if subject and self.attack_properties else None,
+                  "exposure": config_dict(self.exposure) if subject and self.exposure else None}
+        return {key: value for key, value in extras.items() if value is not None}
 
 
 @dataclass
@@ -149,6 +188,7 @@ class Grid:
     datasets: dict[str, str]
     models: list[dict]
     attacks: list[tuple[str, dict]]
+    """(name, parameters); the parameters may hold the entry's own ``poison_rate`` and ``seeds``."""
     defenses: dict[str, tuple[str, dict]]
     train: dict = field(default_factory=dict)
     poison_rates: list[float | None] = field(default_factory=lambda: [None])
@@ -160,24 +200,36 @@ class Grid:
     cache: str | None = None
     data_cache: str | None = None
     output: str | None = None
+    clean_seeds: list[int] | None = None
+    repeats: int = 1
+    prune_counts: list[int] = field(default_factory=list)
+    attack_properties: bool = False
+    exposure: ExposureConfig | None = None
 
     def subjects(self) -> list[Subject]:
-        return [Subject(name, spec, model["arch"], model.get("width", 16), attack, params, rate, seed,
-                        self.train, self.reduced_attacks)
+        return [Subject(name, spec, model["arch"], model.get("width", 16), attack, _attack_params(params),
+                        rate, seed, self.train, self.reduced_attacks)
                 for name, spec in self.datasets.items() for model in self.models
-                for attack, params in self.attacks for rate in self.poison_rates for seed in self.seeds]
+                for attack, params in self.attacks
+                for rate in _entry_rates(attack, params, self.poison_rates)
+                for seed in params.get("seeds", self.seeds)]
 
     def cells(self, checksums: dict[str, str]) -> list[Cell]:
         """Every cell, subjects in grid order and defenses in the file's order within each.
         ``checksums`` maps each dataset name to its data checksum."""
         cells = []
         for subject in self.subjects():
-            for name, (defense, settings) in self.defenses.items():
-                if defense != NO_DEFENSE and "seed" in _fields(defense):
-                    settings = {"seed": subject.seed, **settings}
-                cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
-                            self.curve_images, checksums[subject.dataset], name, package_fingerprint())
-                cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
+            for clean_seed in self.clean_seeds or [None]:
+                seed = subject.seed if clean_seed is None else clean_seed
+                for name, (defense, settings) in self.defenses.items():
+                    if defense != NO_DEFENSE and "seed" in _fields(defense):
+                        settings = {"seed": seed, **settings}
+                    cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
+                                self.curve_images, checksums[subject.dataset], name, package_fingerprint(),
+                                clean_seed=clean_seed, repeats=self.repeats,
+                                prune_counts=tuple(self.prune_counts),
+                                attack_properties=self.attack_properties, exposure=self.exposure)
+                    cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
 
@@ -211,7 +263,7 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         if not raw.get(required):
             raise RnpError(f"the grid needs a non-empty {required!r}")
     reduced = _bool(raw.get("reduced_attacks", True), "reduced_attacks")
-    return Grid(
+    grid = Grid(
         name=_text(raw.get("name", "grid"), "name"), datasets=_datasets(raw["datasets"], base),
         models=[_model(m) for m in _list(raw.get("models", [{"arch": "preact_resnet18"}]), "models")],
         attacks=[_attack(a, reduced) for a in _list(raw["attacks"], "attacks")],
@@ -221,7 +273,51 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         clean_size=_int(raw.get("clean_size", 500), "clean_size", minimum=1),
         retuning=_retuning(raw.get("retuning")),
         curve_images=_int(raw.get("curve_images", 1000), "curve_images"), reduced_attacks=reduced,
-        **{key: _folder(raw.get(key), key) for key in ("cache", "data_cache", "output")})
+        **{key: _folder(raw.get(key), key) for key in ("cache", "data_cache", "output")},
+        clean_seeds=_clean_seeds(raw.get("clean_seeds")),
+        repeats=_int(raw.get("repeats", 1), "repeats", minimum=1),
+        prune_counts=[_int(k, "prune_counts", minimum=1) for k in _list(raw.get("prune_counts", []), "prune_counts")],
+        attack_properties=_bool(raw.get("attack_properties", False), "attack_properties"),
+        exposure=_exposure(raw.get("exposure")))
+    _check_measurements(grid)
+    return grid
+
+
+def _clean_seeds(raw) -> list[int] | None:
+    """None (each cell draws its clean set with its subject's seed) or a non-empty list."""
+    if raw is None:
+        return None
+    seeds = [_int(s, "clean_seeds") for s in _list(raw, "clean_seeds")]
+    if not seeds:
+        raise RnpError("'clean_seeds' is a non-empty list of seeds, or omitted")
+    return seeds
+
+
+def _exposure(raw) -> ExposureConfig | None:
+    """The exposure measurement's settings; omitted or false: none, true: the defaults."""
+    if raw is None or raw is False:
+        return None
+    settings = _mapping({} if raw is True else raw, "exposure")
+    _check_fields(ExposureConfig, settings, "exposure")
+    _check_types(ExposureConfig, settings, "exposure")
+    try:
+        return ExposureConfig(**settings)
+    except RnpError as error:
+        raise RnpError(f"exposure: {error}") from None
+
+
+def _check_measurements(grid: Grid) -> None:
+    """The measurements a grid asks for have the cells they are made in."""
+    defenses = {defense for defense, _ in grid.defenses.values()}
+    if (grid.attack_properties or grid.exposure) and NO_DEFENSE not in defenses:
+        raise RnpError("'attack_properties' and 'exposure' measure each subject in its undefended cell: "
+                       "add the defense 'none'")
+    if grid.prune_counts and ("rnp" not in defenses or not grid.curve_images):
+        raise RnpError("'prune_counts' measures RNP's ranking on the curve_images test subset: "
+                       "it needs an rnp defense and curve_images > 0")
+    if any(attack == NO_ATTACK for attack, _ in grid.attacks) and (not grid.exposure or grid.retuning):
+        raise RnpError("the attack 'none' (a clean subject) is there for the 'exposure' measurement: "
+                       "the grid needs 'exposure' and no 'retuning'")
 
 
 def _datasets(raw, base: Path) -> dict[str, str]:
@@ -286,23 +382,48 @@ def _defenses(raw) -> dict[str, tuple[str, dict]]:
 
 
 def _attack(item, reduced: bool) -> tuple[str, dict]:
-    """(name, parameters), the parameters checked by building the attack once."""
+    """(name, parameters), the parameters checked by building the attack once. An entry's own
+    ``poison_rate`` and ``seeds`` replace the grid's for it; ``none`` is a clean subject."""
     if isinstance(item, str):
         name, params = item, {}
     else:
         params = dict(_mapping(item, "attacks[]"))
         name = params.pop("name", None)
-    if name not in ATTACKS:
-        raise RnpError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))}")
-    if "seed" in params or "poison_rate" in params or "target" in params:
-        raise RnpError(f"attack {name}: seed, poison_rate and target come from the grid's seeds, "
-                       "poison_rates and the suite's target 0")
+    if name not in ATTACKS and name != NO_ATTACK:
+        raise RnpError(f"unknown attack {name!r}; choose from {', '.join(sorted(ATTACKS))} "
+                       f"(or {NO_ATTACK}: a clean subject)")
+    if "seed" in params or "target" in params:
+        raise RnpError(f"attack {name}: seed and target come from the grid's seeds "
+                       "(or the entry's 'seeds') and the suite's target 0")
+    entry = {}
+    if "seeds" in params:
+        entry["seeds"] = [_int(s, f"attacks.{name}.seeds") for s in _list(params.pop("seeds"), f"attacks.{name}.seeds")]
+        if not entry["seeds"]:
+            raise RnpError(f"attacks.{name}.seeds is a non-empty list of seeds")
+    if "poison_rate" in params:
+        entry["poison_rate"] = _rate(params.pop("poison_rate"))
+    if name == NO_ATTACK:
+        if params or "poison_rate" in entry:
+            raise RnpError(f"the attack {NO_ATTACK} (a clean subject) takes only 'seeds'")
+        return name, entry
     _check_types(ATTACKS[name], params, f"attacks.{name}")
     try:
         suite_attack(name, reduced=reduced, **params)
     except (TypeError, ValueError) as error:
         raise RnpError(f"attacks.{name}: {error}") from None
-    return name, params
+    return name, {**params, **entry}
+
+
+def _attack_params(params: dict) -> dict:
+    """An attack entry's parameters without the entry's own rate and seeds."""
+    return {k: v for k, v in params.items() if k not in ("poison_rate", "seeds")}
+
+
+def _entry_rates(attack: str, params: dict, rates: list) -> list:
+    """The poisoning rates of an attack entry: its own, none for a clean subject, else the grid's."""
+    if attack == NO_ATTACK:
+        return [None]
+    return [params["poison_rate"]] if "poison_rate" in params else rates
 
 
 def _model(item) -> dict:

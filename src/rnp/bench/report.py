@@ -1,6 +1,7 @@
 """A grid's report: ``results.csv`` (one row per cell), ``results.md`` (the cell table, the means
-per defense, RNP's cost against its floor, optionally the published numbers beside ours) and
-figures (DER per defense and attack, RNP's pruning curves, RNP's mask values).
+per defense, RNP's cost against its floor, the study sections of :mod:`rnp.bench.sections`,
+optionally the published numbers beside ours) and figures (DER per defense and attack, RNP's
+pruning curves and ranking, RNP's mask values, the exposure's model scores).
 
 Every percentage is computed from the records, which hold fractions; nothing is re-measured.
 ``results.md`` says which code computed the records (the cells' package fingerprints, the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from rnp.bench.grid import NO_DEFENSE
 from rnp.bench.published import SOURCES
+from rnp.bench.sections import study_sections
 from rnp.io.figures import bar_chart, histograms, line_chart, save_png, side_by_side
 from rnp.io.files import write_text
 
@@ -39,8 +41,14 @@ def _ok(records: list[dict]) -> list[dict]:
 
 
 def _subject(record: dict) -> tuple:
+    """The subject and clean set a cell defended: cells alike in it compare their seconds."""
     label = record["label"]
-    return label["dataset"], label["model"], label["attack"], label["seed"]
+    return label["dataset"], label["model"], label["attack"], label["seed"], label.get("clean_seed")
+
+
+def _seed(label: dict) -> str:
+    """The subject's seed, and the clean set's where the grid has ``clean_seeds``."""
+    return str(label["seed"]) + (f", clean {label['clean_seed']}" if "clean_seed" in label else "")
 
 
 def _retuning_epochs(records: list[dict]) -> list[str]:
@@ -56,7 +64,7 @@ def results_csv(records: list[dict]) -> str:
     """One row per cell, metrics as fractions, seconds and megabytes as measured."""
     epochs = _retuning_epochs(records)
     rnp = _rnp_seconds(records)
-    columns = ["key", "dataset", "model", "attack", "seed", "defense", "status",
+    columns = ["key", "dataset", "model", "attack", "seed", "clean_seed", "defense", "status",
                "ca_before", "asr_before", "ra_before", "ca", "asr", "ra", "der", "seconds",
                "seconds_over_rnp", "peak_memory_mb", "memory_kind", "pruned",
                "floor_seconds", "rnp_over_floor", *[f"retuned_asr_{e}" for e in epochs]]
@@ -96,7 +104,7 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
              "|---" * (11 + len(epochs)) + "|"]
     for r in records:
         label, before = r["label"], r["before"]
-        head = f"| {label['dataset']} | {label['model']} | {label['attack']} | {label['seed']} | {label['defense']} |"
+        head = f"| {label['dataset']} | {label['model']} | {label['attack']} | {_seed(label)} | {label['defense']} |"
         if r["status"] != "ok":
             lines.append(head + f" n/a: {r['error']} |" + " |" * (5 + len(epochs)))
             continue
@@ -109,6 +117,8 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
     cost = cost_table(records)
     if cost:
         lines += ["", cost]
+    for section in study_sections(records):
+        lines += ["", section]
     if compare:
         lines += ["", compare_table(records)]
     return "\n".join(lines) + "\n"
@@ -184,13 +194,21 @@ def cost_table(records: list[dict]) -> str:
         return ""
     lines = ["RNP's cost against its floor (the same number of forward+backward passes of plain "
              "training, timed in the same cell on the same model):", "",
-             "| attack | seed | RNP seconds | unlearn / recover / prune | floor seconds | RNP / floor |",
-             "|---|---|---|---|---|---|"]
+             "| attack | seed | RNP seconds | unlearn / recover / prune | floor seconds | RNP / floor | runs |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         stages = " / ".join(f"{r['stages'].get(s, 0):.1f}" for s in ("unlearn", "recover", "prune"))
-        lines.append(f"| {r['label']['attack']} | {r['label']['seed']} | {r['seconds']:.1f} | {stages} | "
-                     f"{r['rnp']['floor_seconds']:.1f} | {r['rnp']['floor_ratio']:.2f} |")
+        lines.append(f"| {r['label']['attack']} | {_seed(r['label'])} | {r['seconds']:.1f} | {stages} | "
+                     f"{r['rnp']['floor_seconds']:.1f} | {r['rnp']['floor_ratio']:.2f} | {_runs(r)} |")
     return "\n".join(lines)
+
+
+def _runs(record: dict) -> str:
+    """How many runs the cost row is the median of, and whether they gave the same model."""
+    repeats = record.get("repeats")
+    if not repeats:
+        return "1"
+    return f"{len(repeats['seconds'])} (median; {'same' if repeats['agree'] else '**different**'} model)"
 
 
 def compare_table(records: list[dict]) -> str:
@@ -250,7 +268,8 @@ def figures(records: list[dict]) -> dict:
     attacks = sorted({r["label"]["attack"] for r in ok})
     panels = []
     for attack in attacks:
-        rows = [r for r in ok if r["label"]["attack"] == attack and r["label"]["defense"] != "none"]
+        rows = [r for r in ok if r["label"]["attack"] == attack and r["label"]["defense"] != "none"
+                and r["der"] is not None]
         by_defense = defaultdict(list)
         for r in rows:
             by_defense[r["label"]["defense"]].append(100 * r["der"])
@@ -272,6 +291,22 @@ def figures(records: list[dict]) -> dict:
     if rnp:
         images["rnp_masks.png"] = histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
                                              title="RNP mask values", xlabel="mask value")
+    ranked = [r for r in rnp if r["rnp"].get("prefix_curve")]
+    if ranked:
+        images["rnp_ranking.png"] = side_by_side([
+            line_chart({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["prefix_curve"]],
+                        "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["prefix_curve"]]},
+                       x=[p["count"] for p in r["rnp"]["prefix_curve"]],
+                       title=f"RNP ranking: {_name(r, ranked)}, {r['label']['defense']} (oracle analysis)",
+                       xlabel="channels pruned in mask order", ylabel="% of test subset")
+            for r in ranked], columns=3)
+    exposed = [r for r in ok if "exposure" in r]
+    if exposed:
+        images["exposure_scores.png"] = bar_chart(
+            [r["exposure"]["model_detection"]["score"] for r in exposed],
+            [f"{r['label']['attack']} s{r['label']['seed']}" for r in exposed],
+            title="EBYD variance score of the unlearned model", ylabel="variance of class shares",
+            reference=exposed[0]["exposure"]["model_detection"]["threshold"])
     return images
 
 

@@ -10,6 +10,7 @@ spec and training code (:mod:`rnp.bench.subjects` says when it trains one, and w
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,31 @@ def grid_cells(grid: Grid, data_cache: str | None = None) -> list[Cell]:
     checksums = {name: load_dataset(spec, cache_dir=data_cache).checksum
                  for name, spec in grid.datasets.items()}
     return grid.cells(checksums)
+
+
+def finished_records(grid: Grid, out, data_cache: str | None = None) -> list[dict]:
+    """The records in ``out`` of the grid's cells, in grid order, without running anything.
+    A cell whose record this code has not computed takes the record of the same cell computed
+    by other code (same description but for the package fingerprint and version), so the
+    committed records re-render after any code change; the report's code note says when the
+    records mix code."""
+    by_setting = {}
+    for path in sorted((Path(out) / CELLS_FOLDER).glob("*.json")):
+        record = read_json(path)
+        by_setting.setdefault(_setting_key(record["cell"]), record)
+    records = []
+    for cell in grid_cells(grid, data_cache):
+        path = cell_path(out, cell.key)
+        record = read_json(path) if path.exists() else by_setting.get(_setting_key(cell.describe()))
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _setting_key(description: dict) -> str:
+    """A cell's description without what names the code that computed it."""
+    return json.dumps({k: v for k, v in description.items() if k not in ("code", "rnp_version")},
+                      sort_keys=True, default=str)
 
 
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
@@ -87,5 +113,7 @@ def _brief(record: dict) -> str:
     if record["status"] != "ok":
         return f"not applicable: {record['error']}"
     after = record["after"]
+    if record["der"] is None:  # a clean subject
+        return f"CA {after['clean_accuracy']:.3f} ({record['seconds']:.1f} s)"
     return (f"CA {after['clean_accuracy']:.3f} ASR {after['attack_success_rate']:.3f} "
             f"RA {after['robust_accuracy']:.3f} DER {record['der']:.3f} ({record['seconds']:.1f} s)")

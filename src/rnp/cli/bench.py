@@ -1,4 +1,7 @@
-"""``rnp bench GRID.yaml``: the benchmark grid command (a thin layer over :mod:`rnp.bench`)."""
+"""``rnp bench GRID.yaml [GRID.yaml ...]``: the benchmark grid command (a thin layer over
+:mod:`rnp.bench`). Several grids run (or, with ``--report-only``, re-render) one after another,
+each into its own output folder: ``rnp bench --report-only benchmarks/grids/*.yaml`` rewrites
+every published table from the committed records."""
 
 from __future__ import annotations
 
@@ -7,23 +10,28 @@ from pathlib import Path
 
 from rnp.bench.grid import load_grid
 from rnp.bench.report import write_report
-from rnp.bench.runner import grid_cells, run_grid, cell_path
+from rnp.bench.runner import finished_records, run_grid
 from rnp.errors import RnpError
-from rnp.io.files import check_output_path, read_json
+from rnp.io.files import check_output_path
 from rnp.utils import resolve_device
 
 
 def bench(args) -> int:
-    grid = load_grid(args.grid)
-    out = check_output_path(args.out or grid.output or Path("bench-results") / grid.name, [args.grid],
-                            folder=True)
+    if len(args.grid) > 1 and args.out:
+        raise RnpError("--out names one grid's results folder: give a single grid with it "
+                       "(several grids write to their own 'output')")
+    grids = [load_grid(path) for path in args.grid]  # every file checked before any work
+    return max(_bench(grid, path, args) for grid, path in zip(grids, args.grid))
+
+
+def _bench(grid, path: str, args) -> int:
+    out = check_output_path(args.out or grid.output or Path("bench-results") / grid.name, [path], folder=True)
     cache = args.cache or grid.cache or str(out / "models")
     data_cache = args.cache_dir or grid.data_cache
     if args.report_only:
-        cells = grid_cells(grid, data_cache)
-        records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
+        records = finished_records(grid, out, data_cache)
         if not records:
-            raise RnpError(f"{out}: no finished cell of this grid yet; run it without --report-only")
+            raise RnpError(f"{out}: no finished cell of the grid {path} yet; run it without --report-only")
         failures = {}
     else:
         device = resolve_device(args.device)

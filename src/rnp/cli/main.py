@@ -136,8 +136,10 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
 
     grid = sub.add_parser("bench", help="run a benchmark grid (datasets x models x attacks x rates "
                                         "x seeds x defenses), resumable; write tables and plots")
-    grid.add_argument("grid", help="grid file (YAML), e.g. benchmarks/grids/cpu.yaml")
-    grid.add_argument("--out", help="results folder (default: the grid's 'output', else bench-results/NAME)")
+    grid.add_argument("grid", nargs="+", help="grid file(s) (YAML), e.g. benchmarks/grids/cpu.yaml; "
+                                              "several run one after another")
+    grid.add_argument("--out", help="results folder of a single grid (default: the grid's 'output', "
+                                    "else bench-results/NAME)")
     grid.add_argument("--cache", help="backdoored-model cache (default: the grid's 'cache', else OUT/models)")
     grid.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
                       help="local: this process; ray: one Ray task per cell (pip install 'rnp[ray]')")

@@ -13,7 +13,7 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
 
 Memory layout: ``channels_last=True`` trains the unlearning and recovering copies with
 channels-last convolution weights, which made those stages 1.15-1.4x faster on one CPU thread
-(PreAct-ResNet18 width 16, three CIFAR-10 subjects, ``benchmarks/rnp_cost.py``). Other
+(PreAct-ResNet18 width 16, three CIFAR-10 subjects, ``benchmarks/grids/rnp-cost.yaml``). Other
 convolution kernels round differently, so the masks then differ in the fourth decimal from the
 default layout's (the three pruned models came out the same) and a near-tie may order
 differently; it is off by default so that a seed keeps giving the same result. ``torch.compile``

@@ -1,0 +1,133 @@
+"""What an undefended cell measures about its subject, when the grid asks: the attack's
+properties (``attack_properties``) and what RNP's unlearned model exposes (``exposure``).
+
+- **Attack properties**: how the attack poisons (mode, rate, in words), the seconds spent
+  fitting it and training the subject, and the clean accuracy of its clean twin (the same
+  model trained the same way without the attack), so a table can say whether the backdoor
+  took hold without costing clean accuracy.
+- **Exposure** (:mod:`rnp.detection`): RNP's unlearning stage on the cell's clean set, the
+  target label it names, EBYD's backdoored-model score, Neural Cleanse's trigger search on the
+  unlearned and the original model with the same budget (scored on every 10th test image), and
+  every poisoned-sample detector on a seeded subset of the poisoned training set. A clean
+  subject (attack ``none``) gets the first three, which give the model score its clean side.
+  With ``cleanse``, the training samples the unlearned model flags (threshold: 5% false
+  positives on the defender's clean images) are dropped and the model is retrained with the
+  subject's recipe (as long as training the subject: a grid of its own).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rnp.attacks import PoisonedSet
+from rnp.data.images import ImageSet
+from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, detect_backdoored_model,
+                           detect_target_label, expose, recover_on_both, true_trigger_mask)
+from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
+from rnp.errors import RnpError
+from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr, tpr_at_fpr
+from rnp.models import build_model
+from rnp.training import TrainConfig, train
+
+
+@dataclass
+class ExposureConfig:
+    """The exposure measurement's budget (grid key ``exposure``)."""
+
+    samples: int = 5000  # poisoned-training images scored by each sample detector
+    strip_overlays: int = 20  # STRIP's N (paper: 100)
+    trigger_steps: int = 120  # Neural Cleanse's search steps (release: 1000)
+    trigger_samples_per_step: int = 64  # images per search step (release: 1000)
+    cleanse: bool = False  # drop the flagged training samples and retrain the subject
+
+    def __post_init__(self):
+        if not isinstance(self.cleanse, bool):
+            raise RnpError(f"cleanse takes true or false (unquoted), got {self.cleanse!r}")
+        for name in ("samples", "strip_overlays", "trigger_steps", "trigger_samples_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RnpError(f"{name} takes integers >= 1, got {value!r}")
+
+
+def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> dict:
+    """The attack's poisoning, fitting and training seconds (from the subject's run folder),
+    and its clean twin's clean accuracy."""
+    spec = run.info["attack"]
+    return {"mode": spec.get("mode", "all2one"), "poison_rate": spec.get("poison_rate"),
+            "poisoning": run.attack.describe_poisoning(),
+            "prepare_seconds": metrics.get("attack_prepare_seconds", 0.0),
+            "train_seconds": metrics.get("train_seconds_this_session"),
+            "clean_twin_accuracy": clean_twin_metrics["clean_accuracy"] if clean_twin_metrics else None}
+
+
+def measure_exposure(run, model, clean: ImageSet, poisoned: PoisonedSet | None, config: ExposureConfig,
+                     *, seed: int) -> dict:
+    """The exposure of ``model`` (the subject's, on its device) from the ``clean`` images;
+    ``poisoned`` is the subject's training set as it was trained on (None for a clean subject)."""
+    exposure = expose(model, clean)
+    label, score = detect_target_label(exposure), detect_backdoored_model(exposure)
+    attack = run.attack
+    result = {"backdoored": attack is not None,
+              "true_target": attack.target if attack is not None and attack.mode == "all2one" else None,
+              "seconds": exposure.seconds, "unlearning_steps": exposure.unlearning["steps"],
+              "label": label.to_dict(), "model_detection": score.to_dict()}
+    if attack is None:
+        return result
+    test = run.data.test.subset(torch.arange(0, len(run.data.test), 10))
+    budget = TriggerReverseConfig(steps=config.trigger_steps, samples_per_step=config.trigger_samples_per_step)
+    comparison = recover_on_both(exposure, label.candidate, budget, seed=seed)
+    result["trigger"] = comparison.evaluate(test, true_trigger_mask(attack, test)).to_dict()
+    result["samples"] = _detect_samples(model, exposure, clean, poisoned, config, seed)
+    if config.cleanse:
+        result["cleansing"] = _cleanse(run, model, exposure, clean, poisoned)
+    return result
+
+
+def _cleanse(run, model, exposure, clean: ImageSet, poisoned: PoisonedSet) -> dict:
+    """Retrains the subject's model, with its recipe and seed, on the training samples the
+    unlearned model does not flag; the flagging's counts and the retrained model's metrics."""
+    scorer = UnlearnedMargin()
+    start = time.perf_counter()
+    scores = scorer.score(model, poisoned.data, exposure=exposure)
+    threshold = threshold_at_fpr(scorer.score(model, clean, exposure=exposure), 0.05)
+    flagged = scores > threshold
+    scoring_seconds = time.perf_counter() - start
+    positives = positives_mask(poisoned.poisoned_indices, len(poisoned.data))
+    config = TrainConfig(**run.info["train"])
+    torch.manual_seed(config.seed)
+    retrained = build_model(**run.info["model"])
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    train(retrained, poisoned.data.subset((~flagged).nonzero().squeeze(1)), config, progress=False, device=device)
+    after = evaluate_backdoor(retrained, run.data.test, run.triggered_test(), device=device)
+    return {"flagged": int(flagged.sum()), "flagged_poisoned": int((flagged & positives).sum()),
+            "poisoned": int(positives.sum()),
+            "false_positive_rate": float((flagged & ~positives).sum() / (~positives).sum()),
+            "threshold": threshold, "scoring_seconds": scoring_seconds,
+            "retrain_seconds": time.perf_counter() - start, "after": after.to_dict()}
+
+
+def _detect_samples(model, exposure, clean: ImageSet, poisoned: PoisonedSet, config: ExposureConfig,
+                    seed: int) -> dict:
+    """AUROC, TPR at 5% FPR and seconds of every sample detector on a seeded subset."""
+    flags = positives_mask(poisoned.poisoned_indices, len(poisoned.data))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(poisoned.data), generator=generator)[:config.samples]
+    data, positives = poisoned.data.subset(chosen), flags[chosen]
+    result = {"scored": len(data), "poisoned": int(positives.sum()), "detectors": {}}
+    if not 0 < int(positives.sum()) < len(data):
+        result["note"] = "no poisoned sample in the scored subset (the attack may poison on the fly)"
+        return result
+    detectors = {name: cls() for name, cls in SAMPLE_DETECTORS.items()}
+    detectors["strip"] = Strip(StripConfig(overlays=config.strip_overlays))
+    for name, detector in detectors.items():
+        start = time.perf_counter()
+        extra = {"exposure": exposure} if name == "unlearned" else {}
+        scores = detector.score(model, data, clean, **extra)
+        result["detectors"][name] = {"auroc": auroc(scores, positives),
+                                     "tpr_at_5_fpr": tpr_at_fpr(scores, positives, 0.05),
+                                     "seconds": time.perf_counter() - start}
+    return result

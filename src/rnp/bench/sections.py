@@ -1,0 +1,268 @@
+"""The report's study sections, each rendered only when the records hold what it shows:
+
+- **attack properties** (grid key ``attack_properties``): does each backdoor take hold;
+- **spread over seeds**: mean ± standard deviation per subject and defense row, where a grid
+  has several seeds or ``clean_seeds``;
+- **defenses side by side**: CA, ASR and DER after each defense, subject by defense;
+- **RNP's ranking** (``prune_counts``): the oracle's CA / ASR after pruning the first k
+  channels in mask order, per RNP setting;
+- **exposure** (``exposure``): target label, model score, trigger recovery, sample detection.
+
+Percentages are computed from the records' fractions, nothing is re-measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+
+from rnp.metrics.detection import auroc
+
+ASR_BAR, CA_DROP_BAR = 0.90, 0.03
+"""A backdoor takes hold when its ASR is at least 90% and it costs at most 3 points of clean
+accuracy against its clean twin."""
+
+SAMPLE_DETECTORS = ("unlearned", "loss", "ac", "ss", "strip")
+
+
+def study_sections(records: list[dict]) -> list[str]:
+    """Every study section the records fill, in a fixed order."""
+    ok = [r for r in records if r["status"] == "ok"]
+    sections = (attack_table(ok), seeds_table(ok), pivot_tables(ok), ranking_table(ok), exposure_tables(ok))
+    return [section for section in sections if section]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _spread(values, scale: float = 100.0) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _subject_name(label: dict, many_models: bool) -> str:
+    return f"{label['attack']} ({label['model']})" if many_models else label["attack"]
+
+
+def attack_table(records: list[dict]) -> str:
+    rows = [r for r in records if "attack_properties" in r]
+    if not rows:
+        return ""
+    lines = ["## Attack properties", "",
+             f"The undefended subjects. The backdoor takes hold when ASR >= {100 * ASR_BAR:.0f}% and CA "
+             f"drops at most {100 * CA_DROP_BAR:.0f} points below the clean twin (same model and training, "
+             "no attack).", "",
+             "| dataset | model | attack | seed | mode | poisoning | CA | ASR | RA | clean twin CA | CA drop | "
+             "takes hold | attack fit s | training s |", "|---" * 14 + "|"]
+    for r in rows:
+        label, before, props = r["label"], r["before"], r["attack_properties"]
+        twin = props["clean_twin_accuracy"]
+        drop = None if twin is None else twin - before["clean_accuracy"]
+        holds = "-" if drop is None else ("yes" if before["attack_success_rate"] >= ASR_BAR
+                                          and drop <= CA_DROP_BAR else "**no**")
+        train = "-" if props["train_seconds"] is None else f"{props['train_seconds']:.0f}"
+        lines.append(f"| {label['dataset']} | {label['model']} | {label['attack']} | {label['seed']} | "
+                     f"{props['mode']} | {props['poisoning']} | {_pct(before['clean_accuracy'])} | "
+                     f"{_pct(before['attack_success_rate'])} | {_pct(before['robust_accuracy'])} | "
+                     f"{_pct(twin)} | {'-' if drop is None else f'{100 * drop:+.1f}'} | {holds} | "
+                     f"{props['prepare_seconds']:.0f} | {train} |")
+    return "\n".join(lines)
+
+
+def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for r in records:
+        label = r["label"]
+        groups[(label["dataset"], label["model"], label["attack"], label["defense"])].append(r)
+    return groups
+
+
+def seeds_table(records: list[dict]) -> str:
+    """Mean ± sd per subject and defense row, over the cells that differ only in a seed."""
+    groups = _groups(records)
+    if all(len(rows) < 2 for rows in groups.values()):
+        return ""
+    lines = ["## Spread over seeds", "",
+             "Mean ± standard deviation over the seeds (subject seeds and clean-set seeds), in % "
+             "(pruned: channels; seconds: the defense alone, per stage where it has stages).", "",
+             "| dataset | model | attack | defense | cells | CA | ASR | RA | DER | pruned | stage seconds | seconds |",
+             "|---" * 12 + "|"]
+    for (dataset, model, attack, defense), rows in groups.items():
+        stages = sorted({s for r in rows for s in r["stages"]})
+        stage_text = " / ".join(f"{s} {_spread([r['stages'].get(s) for r in rows], 1.0)}" for s in stages) or "-"
+        lines.append(f"| {dataset} | {model} | {attack} | {defense} | {len(rows)} | "
+                     + " | ".join(_spread([r["after"][m] for r in rows])
+                                  for m in ("clean_accuracy", "attack_success_rate", "robust_accuracy"))
+                     + f" | {_spread([r['der'] for r in rows])} | "
+                     f"{_spread([r['summary'].get('pruned') for r in rows], 1.0)} | {stage_text} | "
+                     f"{_spread([r['seconds'] for r in rows], 1.0)} |")
+    return "\n".join(lines)
+
+
+def pivot_tables(records: list[dict]) -> str:
+    """CA, ASR and DER after each defense as subject x defense grids (means over seeds), where
+    the records hold at least two defenses besides ``none``."""
+    defenses = list(dict.fromkeys(r["label"]["defense"] for r in records))
+    if len([d for d in defenses if d != "none"]) < 2:
+        return ""
+    many_models = len({r["label"]["model"] for r in records}) > 1
+    cells = defaultdict(list)
+    for r in records:
+        cells[(_subject_name(r["label"], many_models), r["label"]["defense"])].append(r)
+    subjects = list(dict.fromkeys(name for name, _ in cells))
+    sections = ["## Defenses side by side"]
+    for title, value in (("ASR", lambda r: r["after"]["attack_success_rate"]),
+                         ("CA", lambda r: r["after"]["clean_accuracy"]), ("DER", lambda r: r["der"])):
+        lines = [f"{title} after each defense (%, mean over seeds):", "",
+                 "| attack | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 1) + "|"]
+        for subject in subjects:
+            row = [_pct(_mean([value(r) for r in cells[(subject, d)]])) if cells.get((subject, d)) else ""
+                   for d in defenses]
+            lines.append(f"| {subject} | " + " | ".join(row) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def ranking_table(records: list[dict]) -> str:
+    """RNP's oracle ranking per subject and RNP setting: what pruning its first k channels does."""
+    rows = [r for r in records if r.get("rnp", {}).get("prefix_curve")]
+    if not rows:
+        return ""
+    counts = [p["count"] for p in rows[0]["rnp"]["prefix_curve"]]
+    lines = ["## RNP's ranking of the channels (oracle analysis)", "",
+             "CA and ASR (%) after pruning the first k channels in RNP's mask order, on the "
+             f"{rows[0]['rnp']['curve_kind'].removeprefix('oracle analysis on ')} of the pruning curve: "
+             "test data a defender does not have; it judges the ranking and chooses nothing. "
+             "Mean ± sd over seeds.", "",
+             "| model | attack | RNP setting | cells | masks = 0 | pruned | CA | ASR | "
+             + " | ".join(f"ASR@{k}" for k in counts) + " | " + " | ".join(f"CA@{k}" for k in counts)
+             + " | seconds |", "|---" * (9 + 2 * len(counts)) + "|"]
+    for (_, model, attack, defense), group in _groups(rows).items():
+        curves = [{p["count"]: p for p in r["rnp"]["prefix_curve"]} for r in group]
+        zeros = _mean([sum(1 for m in r["rnp"]["masks"] if m == 0) for r in group])
+        lines.append(f"| {model} | {attack} | {defense} | {len(group)} | {zeros:.1f} of {len(group[0]['rnp']['masks'])} | "
+                     f"{_spread([r['summary'].get('pruned') for r in group], 1.0)} | "
+                     f"{_spread([r['after']['clean_accuracy'] for r in group])} | "
+                     f"{_spread([r['after']['attack_success_rate'] for r in group])} | "
+                     + " | ".join(_spread([c[k]["attack_success_rate"] for c in curves if k in c]) for k in counts)
+                     + " | "
+                     + " | ".join(_spread([c[k]["clean_accuracy"] for c in curves if k in c]) for k in counts)
+                     + f" | {_spread([r['seconds'] for r in group], 1.0)} |")
+    return "\n".join(lines)
+
+
+def exposure_tables(records: list[dict]) -> str:
+    rows = [r for r in records if "exposure" in r]
+    if not rows:
+        return ""
+    attacked = [r for r in rows if "trigger" in r["exposure"]]
+    sections = ["## What the unlearned model exposes", _label_table(rows), _model_score_table(rows)]
+    if attacked:
+        sections += [_trigger_table(attacked), _samples_table(attacked)]
+    cleansed = [r for r in attacked if "cleansing" in r["exposure"]]
+    if cleansed:
+        sections.append(_cleansing_table(cleansed))
+    return "\n\n".join(sections)
+
+
+def _subject(r: dict) -> str:
+    label = r["label"]
+    return f"{label['attack']} seed {label['seed']}"
+
+
+def _label_table(rows: list[dict]) -> str:
+    lines = ["Target label named from the unlearning drift, and EBYD's score:", "",
+             "| subject | target named | label confidence | variance score | unlearning steps | exposure seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["exposure"]
+        named, true = e["label"]["target"], e["true_target"]
+        if not e["backdoored"]:
+            found = "none (right)" if named is None else f"{named} (false alarm)"
+        elif true is None:
+            found = "none (right: all-to-all)" if named is None else f"{named} (all-to-all)"
+        else:
+            found = "right" if named == true else "none" if named is None else f"wrong ({named})"
+        lines.append(f"| {_subject(r)} | {found} | {e['label']['confidence']:.2f} | "
+                     f"{e['model_detection']['score']:.4f} | {e['unlearning_steps']} | {e['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _model_score_table(rows: list[dict]) -> str:
+    """AUROC over clean and backdoored subjects, and accuracy at the fixed thresholds, of both
+    model-level scores."""
+    positives = torch.tensor([r["exposure"]["backdoored"] for r in rows])
+    both = 0 < int(positives.sum()) < len(positives)
+    lines = ["Backdoored-model detection over these subjects:", "",
+             "| score | clean models | backdoored models | AUROC | accuracy at threshold | threshold |",
+             "|---|---|---|---|---|---|"]
+    for name, key, field in (("variance of class shares (EBYD)", "model_detection", "score"),
+                             ("target-label confidence", "label", "confidence")):
+        scores = torch.tensor([r["exposure"][key][field] for r in rows], dtype=torch.float64)
+        threshold = rows[0]["exposure"][key]["threshold"]
+        value = f"{auroc(scores, positives):.3f}" if both else "- (needs clean and backdoored)"
+        correct = float(((scores > threshold) == positives).float().mean())
+        lines.append(f"| {name} | {int((~positives).sum())} | {int(positives.sum())} | {value} | "
+                     f"{100 * correct:.1f}% | {threshold} |")
+    return "\n".join(lines)
+
+
+def _trigger_table(rows: list[dict]) -> str:
+    lines = ["Neural Cleanse's search for the named class, on the unlearned / the original model:", "",
+             "| subject | class searched | mask L1 | IoU | mass on trigger | success on original % | seconds |",
+             "|---|---|---|---|---|---|---|"]
+
+    def pair(u, o, digits=2):
+        return "-" if u is None else f"{u:.{digits}f} / {o:.{digits}f}"
+
+    for r in rows:
+        t = r["exposure"]["trigger"]
+        u, o = t["models"]["unlearned"], t["models"]["original"]
+        lines.append(f"| {_subject(r)} | {t['target']} | {pair(u['norm'], o['norm'], 1)} | "
+                     f"{pair(u['iou'], o['iou'])} | {pair(u['mass_on_trigger'], o['mass_on_trigger'])} | "
+                     f"{pair(100 * u['success'], 100 * o['success'], 1)} | {pair(u['seconds'], o['seconds'], 0)} |")
+    return "\n".join(lines)
+
+
+def _samples_table(rows: list[dict]) -> str:
+    lines = ["Poisoned-sample detection (AUROC / TPR at 5% FPR):", "",
+             "| subject | poisoned / scored | " + " | ".join(SAMPLE_DETECTORS) + " |",
+             "|---" * (len(SAMPLE_DETECTORS) + 2) + "|"]
+    aurocs, seconds = defaultdict(list), defaultdict(list)
+    for r in rows:
+        samples = r["exposure"]["samples"]
+        found = samples["detectors"]
+        for name, d in found.items():
+            aurocs[name].append(d["auroc"])
+            seconds[name].append(d["seconds"])
+        lines.append(f"| {_subject(r)} | {samples['poisoned']} / {samples['scored']} | " + " | ".join(
+            f"{found[n]['auroc']:.3f} / {found[n]['tpr_at_5_fpr']:.2f}" if n in found else "-"
+            for n in SAMPLE_DETECTORS) + " |")
+    for title, values, digits in (("mean AUROC", aurocs, 3), ("mean seconds", seconds, 0)):
+        lines.append(f"| {title} | | " + " | ".join(
+            f"{statistics.mean(values[n]):.{digits}f}" if values[n] else "-" for n in SAMPLE_DETECTORS) + " |")
+    return "\n".join(lines)
+
+
+def _cleansing_table(rows: list[dict]) -> str:
+    lines = ["Cleansing: the samples the unlearned model flags dropped, the model retrained:", "",
+             "| subject | flagged | poisoned caught | false positives | before CA / ASR | retrained CA / ASR | "
+             "retrain seconds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, before = r["exposure"]["cleansing"], r["before"]
+        lines.append(f"| {_subject(r)} | {c['flagged']} | {c['flagged_poisoned']} of {c['poisoned']} | "
+                     f"{100 * c['false_positive_rate']:.1f}% | {_pct(before['clean_accuracy'])} / "
+                     f"{_pct(before['attack_success_rate'])} | {_pct(c['after']['clean_accuracy'])} / "
+                     f"{_pct(c['after']['attack_success_rate'])} | {c['retrain_seconds']:.0f} |")
+    return "\n".join(lines)
