@@ -8,6 +8,7 @@ import csv
 import math
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_write_figure_writes_png_svg_and_csv_and_no_temporary_file(tmp_path):
     with Image.open(stem.parent / "figure.v1.png") as image:
         assert image.format == "PNG" and image.width > 1000
     svg = (stem.parent / "figure.v1.svg").read_text()
-    assert "<svg" in svg
+    assert ElementTree.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"
     write_figure(figure_of_each_kind(), tmp_path / "again")
     assert (tmp_path / "again.svg").read_text() == svg  # no date, fixed ids: the same file
 
