@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,22 @@ def test_report_files(finished):
     with open(out / "der.csv") as handle:
         der = {r["x"]: float(r["y"]) for r in csv.DictReader(handle)}
     assert der == {r["defense"]: 100 * float(r["der"]) for r in rows if r["defense"] != "none"}
+
+
+def test_report_only_without_matplotlib_writes_the_figure_data_and_says_so(finished, tmp_path, capsys,
+                                                                         monkeypatch):
+    out, cache, _, grid_path = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out / "cells", copy / "cells")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    capsys.readouterr()
+    code = main(["bench", str(grid_path), "--out", str(copy), "--cache", str(cache), "--report-only"])
+    err = capsys.readouterr().err
+    assert code == 0 and [line for line in err.splitlines() if "matplotlib" in line] == [
+        "note: figures need matplotlib: pip install 'rnp-backdoor[plots]' "
+        "(the plotted data is in the .csv beside each figure)"]
+    assert {p.name for p in copy.iterdir() if p.is_file()} == {
+        "results.csv", "results.md", "der.csv", "rnp_pruning_curve.csv", "rnp_masks.csv"}
 
 
 def test_der_figure_has_a_bar_per_defense_spanning_its_seeds_and_a_panel_per_attack():
