@@ -181,6 +181,7 @@ def test_importing_rnp_and_its_commands_does_not_import_matplotlib():
     lambda: Bars(["a", "b"], ["x", "y"], title="t"),
     lambda: Bars(["a", "b"], [0.1, []], title="t"),
     lambda: Bars(["a", "b"], [0.1, 0.2], title="t", highlight=2),
+    lambda: Bars(["a", "b"], [0.1, 0.2], title="t", highlight="a"),
     lambda: Bars(["a"], [0.1], title="t", reference=math.nan),
     lambda: Lines({}, title="t", xlabel="x", ylabel="y"),
     lambda: Lines({"a": []}, title="t", xlabel="x", ylabel="y"),

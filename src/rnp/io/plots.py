@@ -131,7 +131,8 @@ class Bars:
                        for label, value in zip(self.labels, self.values)]
         if not all(group.isfinite().all() for group in self.groups):
             raise RnpError(f"bars {self.title!r}: values must be finite")
-        if self.highlight is not None and not 0 <= self.highlight < len(self.labels):
+        if self.highlight is not None and (isinstance(self.highlight, bool) or not isinstance(self.highlight, int)
+                                           or not 0 <= self.highlight < len(self.labels)):
             raise RnpError(f"bars {self.title!r}: highlight {self.highlight} is not in "
                            f"0..{len(self.labels) - 1}")
         if self.reference is not None and not math.isfinite(self.reference):
