@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rnp.bench import cells as cells_module
+from rnp.bench.report import figures
 from rnp.bench.executors import LocalExecutor, RayExecutor
 from rnp.bench.grid import load_grid, parse_grid
 from rnp.bench.runner import grid_cells, run_grid
@@ -116,8 +119,43 @@ def test_report_files(finished):
     assert "Published numbers beside ours" in text and "BackdoorBench" in text
     assert "model: ours preact_resnet18 width 4, theirs preact_resnet18 width 64" in text
     assert "| rnp | badnets |" in text and "| ft | badnets |" in text and "[b] official RNP log" in text
-    for figure in ("der.png", "rnp_pruning_curve.png", "rnp_masks.png"):
-        assert (out / figure).stat().st_size > 1000
+    for stem in ("der", "rnp_pruning_curve", "rnp_masks"):
+        for suffix in ("png", "svg", "csv"):
+            assert (out / f"{stem}.{suffix}").stat().st_size > 100
+    with open(out / "der.csv") as handle:
+        der = {r["x"]: float(r["y"]) for r in csv.DictReader(handle)}
+    assert der == {r["defense"]: 100 * float(r["der"]) for r in rows if r["defense"] != "none"}
+
+
+def test_report_only_without_matplotlib_writes_the_figure_data_and_says_so(finished, tmp_path, capsys,
+                                                                         monkeypatch):
+    out, cache, _, grid_path = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out / "cells", copy / "cells")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    capsys.readouterr()
+    code = main(["bench", str(grid_path), "--out", str(copy), "--cache", str(cache), "--report-only"])
+    err = capsys.readouterr().err
+    assert code == 0 and [line for line in err.splitlines() if "matplotlib" in line] == [
+        "note: figures need matplotlib: pip install 'rnp-backdoor[plots]' "
+        "(the plotted data is in the .csv beside each figure)"]
+    assert {p.name for p in copy.iterdir() if p.is_file()} == {
+        "results.csv", "results.md", "der.csv", "rnp_pruning_curve.csv", "rnp_masks.csv"}
+
+
+def test_der_figure_has_a_bar_per_defense_spanning_its_seeds_and_a_panel_per_attack():
+    def record(attack, defense, seed, der):
+        return {"status": "ok", "der": der, "label": {"dataset": "tiny", "model": "m", "attack": attack,
+                                                      "defense": defense, "seed": seed}}
+
+    records = [record("badnets", "ft", 0, 0.6), record("badnets", "ft", 1, 0.8), record("badnets", "nad", 0, 0.9),
+               record("blend", "ft", 0, 0.5), record("blend", "none", 0, 0.5)]
+    (badnets, blend) = figures(records)["der"].panels
+    assert [row["x"] for row in badnets.rows()] == ["ft", "nad"]
+    ft, nad = badnets.rows()
+    assert (ft["y"], ft["y_min"], ft["y_max"], ft["n"]) == (pytest.approx(70.0), 60.0, 80.0, 2)
+    assert (nad["y"], nad["y_min"], nad["n"]) == (90.0, None, 1)
+    assert badnets.title == "DER per defense: badnets" and [r["x"] for r in blend.rows()] == ["ft"]
 
 
 def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_cell(finished, data,

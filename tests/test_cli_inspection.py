@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,11 @@ def test_inspect_writes_reports_and_figures(capsys, run, tmp_path):
     assert set(trigger["models"]) == {"unlearned", "original"} and trigger["patch_trigger"] is True
     for name in ("predictions.png", "triggers.png"):
         assert Image.open(out / name).size[0] > 200
+    assert "<svg" in (out / "predictions.svg").read_text()
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    bars = [r for r in rows if r["panel"].startswith("Clean images predicted")]
+    assert [float(r["y"]) for r in bars] == report["model_detection"]["shares"]
     tensors, _ = load_checkpoint(out / "triggers.safetensors")
     assert tensors["original_mask"].shape == (16, 16) and tensors["unlearned_pattern"].shape == (3, 16, 16)
     assert (out / "summary.md").read_text().startswith("# rnp inspect")
@@ -82,7 +88,20 @@ def test_scan_data_scores_every_sample_with_known_poison(capsys, run, tmp_path):
         rows = list(csv.DictReader(handle))
     poisoned = {int(line) for line in (run / "poisoned_indices.txt").read_text().split()}
     assert len(rows) == 60 and {int(r["index"]) for r in rows if r["poisoned"] == "1"} == poisoned
-    assert (out / "scores_unlearned.png").exists()
+    for detector in ("unlearned", "loss", "strip", "ss"):
+        assert {(out / f"scores_{detector}.{suffix}").exists() for suffix in ("png", "svg", "csv")} == {True}
+
+
+def test_without_matplotlib_inspect_writes_the_figure_data_and_says_so_in_one_line(capsys, run, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = tmp_path / "inspect"
+    code, _, err = run_cli(capsys, "inspect", "--run", run, "--out", out, *FAST, "--no-trigger")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"predictions.csv", "report.json", "summary.md"}
+    notes = [line for line in err.splitlines() if "matplotlib" in line]
+    assert notes == ["note: figures need matplotlib: pip install 'rnp-backdoor[plots]' "
+                     "(the plotted data is in the .csv beside each figure)"]
 
 
 def test_scan_data_calibrates_on_clean_images_the_unlearning_never_saw(capsys, run, tmp_path, monkeypatch):

@@ -151,7 +151,8 @@ def test_defend_force_replaces_the_files_rnp_wrote_and_keeps_the_rest(trained, t
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     stale = {"bounds.csv": SCORES_CSV, "sweep.csv": "threshold,pruned\n", "metrics.json": "{}",
-             "scores_loss.png": "png"}
+             "scores_loss.png": "png", "scores_loss.svg": "svg",
+             "scores_loss.csv": "panel,series,x,x_end,y,y_min,y_max,n\n"}
     kept = {"notes.txt": "mine", "table.csv": "a,b\n1,2\n"}
     for name, text in {**stale, **kept}.items():
         (out / name).write_text(text)
@@ -169,12 +170,13 @@ def test_defend_force_replaces_the_files_rnp_wrote_and_keeps_the_rest(trained, t
 def test_inspect_force_leaves_no_trigger_files_of_an_earlier_run(trained, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("triggers.png", "triggers.safetensors", "report.json"):
+    for name in ("triggers.png", "triggers.safetensors", "report.json", "predictions.svg"):
         (out / name).write_text("old")
     code, _, err = run_cli(capsys, "inspect", "--run", trained, "--no-trigger", "--unlearn-epochs", "1",
                            "--clean-size", "20", "--batch-size", "16", "--out", out, "--force", "--quiet")
     assert code == 0, err
-    assert {p.name for p in out.iterdir()} == {"predictions.png", "report.json", "summary.md"}
+    assert {p.name for p in out.iterdir()} == {"predictions.png", "predictions.svg", "predictions.csv",
+                                               "report.json", "summary.md"}
 
 
 # -- 3. the output location is checked first ---------------------------------------------------

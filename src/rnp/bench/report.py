@@ -1,7 +1,8 @@
 """A grid's report: ``results.csv`` (one row per cell), ``results.md`` (the cell table, the means
 per defense, RNP's cost against its floor, the study sections of :mod:`rnp.bench.sections`,
-optionally the published numbers beside ours) and figures (DER per defense and attack, RNP's
-pruning curves and ranking, RNP's mask values, the exposure's model scores).
+optionally the published numbers beside ours) and figures, each as PNG, SVG and its data as CSV
+(DER per defense and attack, RNP's pruning curves and ranking, RNP's mask values, the exposure's
+model scores).
 
 Every percentage is computed from the records, which hold fractions; nothing is re-measured.
 ``results.md`` says which code computed the records (the cells' package fingerprints, the
@@ -19,20 +20,21 @@ from pathlib import Path
 from rnp.bench.grid import NO_DEFENSE
 from rnp.bench.published import SOURCES
 from rnp.bench.sections import study_sections
-from rnp.io.figures import bar_chart, histograms, line_chart, save_png, side_by_side
+from rnp.io.plots import Bars, Figure, Histograms, Lines, write_figure
 from rnp.io.files import write_text
 
 METRICS = (("CA", "clean_accuracy"), ("ASR", "attack_success_rate"), ("RA", "robust_accuracy"))
 
 
 def write_report(records: list[dict], out, *, title: str, compare: bool = False) -> str:
-    """Writes the report files into ``out`` and returns the Markdown text."""
+    """Writes the report files into ``out`` and returns the Markdown text. Without matplotlib
+    the figures are only their CSVs (see :func:`rnp.io.plots.write_figure`)."""
     out = Path(out)
     write_text(out / "results.csv", results_csv(records))
     text = markdown(records, title=title, compare=compare)
     write_text(out / "results.md", text)
-    for name, image in figures(records).items():
-        save_png(image, out / name)
+    for stem, figure in figures(records).items():
+        write_figure(figure, out / stem)
     return text
 
 
@@ -261,60 +263,62 @@ def _differences(record: dict, setting: dict) -> str:
     return "; ".join(parts)
 
 
-def figures(records: list[dict]) -> dict:
-    """The report's figures by file name; a figure with nothing to show is left out."""
-    images = {}
+def figures(records: list[dict]) -> dict[str, Figure]:
+    """The report's figures by file stem; a figure with nothing to show is left out."""
+    found = {}
     ok = _ok(records)
-    attacks = sorted({r["label"]["attack"] for r in ok})
+    defended = [r for r in ok if r["label"]["defense"] != "none" and r["der"] is not None]
+    subjects = defaultdict(list)  # a subject up to its seed: the seeds are a bar's values
+    for r in defended:
+        subjects[_name(r, defended, keys=("model", "dataset"))].append(r)
     panels = []
-    for attack in attacks:
-        rows = [r for r in ok if r["label"]["attack"] == attack and r["label"]["defense"] != "none"
-                and r["der"] is not None]
+    for name in sorted(subjects):
         by_defense = defaultdict(list)
-        for r in rows:
+        for r in subjects[name]:
             by_defense[r["label"]["defense"]].append(100 * r["der"])
-        if by_defense:
-            panels.append(bar_chart([statistics.mean(v) for v in by_defense.values()], list(by_defense),
-                                    title=f"DER per defense: {attack}", ylabel="DER (%)", reference=50.0))
+        panels.append(Bars(list(by_defense), list(by_defense.values()), title=f"DER per defense: {name}",
+                           ylabel="DER (%)", reference=50.0, reference_label="no change (DER 50%)",
+                           spread_label="smallest to largest over seeds"))
     if panels:
-        images["der.png"] = side_by_side(panels, columns=3)
+        found["der"] = Figure(panels, columns=3)
     rnp = [r for r in ok if r["label"]["defense"] == "rnp"]
     curves = [r for r in rnp if r["rnp"].get("curve")]
     if curves:
-        images["rnp_pruning_curve.png"] = side_by_side([
-            line_chart({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["curve"]],
-                        "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["curve"]]},
-                       x=[p["threshold"] for p in r["rnp"]["curve"]],
-                       title=f"RNP pruning curve: {_name(r, curves)} (oracle analysis)",
-                       xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset")
+        found["rnp_pruning_curve"] = Figure([
+            Lines({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["curve"]],
+                   "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["curve"]]},
+                  x=[p["threshold"] for p in r["rnp"]["curve"]],
+                  title=f"RNP pruning curve: {_name(r, curves)} (oracle analysis)",
+                  xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset")
             for r in curves], columns=3)
     if rnp:
-        images["rnp_masks.png"] = histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
-                                             title="RNP mask values", xlabel="mask value")
+        found["rnp_masks"] = Figure([Histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
+                                                title="RNP mask values", xlabel="mask value")])
     ranked = [r for r in rnp if r["rnp"].get("prefix_curve")]
     if ranked:
-        images["rnp_ranking.png"] = side_by_side([
-            line_chart({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["prefix_curve"]],
-                        "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["prefix_curve"]]},
-                       x=[p["count"] for p in r["rnp"]["prefix_curve"]],
-                       title=f"RNP ranking: {_name(r, ranked)}, {r['label']['defense']} (oracle analysis)",
-                       xlabel="channels pruned in mask order", ylabel="% of test subset")
+        found["rnp_ranking"] = Figure([
+            Lines({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["prefix_curve"]],
+                   "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["prefix_curve"]]},
+                  x=[p["count"] for p in r["rnp"]["prefix_curve"]],
+                  title=f"RNP ranking: {_name(r, ranked)}, {r['label']['defense']} (oracle analysis)",
+                  xlabel="channels pruned in mask order", ylabel="% of test subset")
             for r in ranked], columns=3)
     exposed = [r for r in ok if "exposure" in r]
     if exposed:
-        images["exposure_scores.png"] = bar_chart(
-            [r["exposure"]["model_detection"]["score"] for r in exposed],
+        found["exposure_scores"] = Figure([Bars(
             [f"{r['label']['attack']} s{r['label']['seed']}" for r in exposed],
+            [r["exposure"]["model_detection"]["score"] for r in exposed],
             title="EBYD variance score of the unlearned model", ylabel="variance of class shares",
-            reference=exposed[0]["exposure"]["model_detection"]["threshold"])
-    return images
+            reference=exposed[0]["exposure"]["model_detection"]["threshold"],
+            reference_label="flag threshold")])
+    return found
 
 
-def _name(record: dict, group: list[dict]) -> str:
-    """The attack, with the model, dataset and seed where the group has several of them."""
+def _name(record: dict, group: list[dict], keys: tuple[str, ...] = ("model", "dataset", "seed")) -> str:
+    """The attack, with those of ``keys`` (model, dataset, seed) the group has several of."""
     label = record["label"]
     parts = [label["attack"]]
-    for key in ("model", "dataset", "seed"):
+    for key in keys:
         if len({r["label"][key] for r in group}) > 1:
             parts.append(f"{key} {label[key]}")
     return ", ".join(map(str, parts))

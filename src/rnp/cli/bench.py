@@ -12,6 +12,7 @@ from rnp.bench.grid import load_grid
 from rnp.bench.report import write_report
 from rnp.bench.runner import finished_records, run_grid
 from rnp.errors import RnpError
+from rnp.io import plots
 from rnp.io.files import check_output_path
 from rnp.utils import resolve_device
 
@@ -44,6 +45,8 @@ def _bench(grid, path: str, args) -> int:
     text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare)
     print(text)
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, cells in {out / 'cells'}", file=sys.stderr)
+    if not plots.available():
+        print(f"note: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
     for key, message in failures.items():
         print(f"rnp: cell {key} failed: {message}", file=sys.stderr)
     return 1 if failures else 0

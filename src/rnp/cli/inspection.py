@@ -1,9 +1,11 @@
 """``rnp inspect`` and ``rnp scan-data``: what RNP's unlearned model reveals about a model and
-about its training data. Each calls the detection API, then writes JSON, Markdown and PNGs."""
+about its training data. Each calls the detection API, then writes JSON, Markdown, figures (PNG
+and SVG, with their data as CSV) and the recovered triggers' picture."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from rnp.detection.trigger_recovery import recover_on_both, trigger_tiles, true_
 from rnp.detection.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
-from rnp.io.figures import bar_chart, histograms, image_grid, line_chart, save_png, side_by_side
+from rnp.io import plots
+from rnp.io.figures import image_grid, save_png, side_by_side
 from rnp.io.files import write_json, write_text
 from rnp.io.results import prepare_output_dir, remove_previous_outputs
 from rnp.io.runs import load_run
@@ -62,15 +65,17 @@ def inspect(args) -> int:
                            "seconds": exposure.seconds},
               "label_detection": label.to_dict(), "model_detection": verdict.to_dict(),
               "clean_set": subject.clean_record}
-    figure = side_by_side([
-        bar_chart(verdict.shares, subject.classes, title="Clean images predicted as each class, unlearned model",
-                  ylabel="share of clean images", highlight=label.target, reference=1 / len(subject.classes)),
-        line_chart(_drift_series(exposure, subject.classes), title="Predictions during unlearning",
-                   xlabel="unlearning step", ylabel="share of the batch",
-                   highlight=subject.classes[label.candidate])])
+    classes = len(subject.classes)
+    figure = plots.Figure([
+        plots.Bars(subject.classes, verdict.shares, title="Clean images predicted as each class, unlearned model",
+                   ylabel="share of clean images", highlight=label.target, highlight_label="detected target",
+                   reference=1 / classes, reference_label=f"chance (1/{classes})"),
+        plots.Lines(_drift_series(exposure, subject.classes), title="Predictions during unlearning",
+                    xlabel="unlearning step", ylabel="share of the batch",
+                    highlight=subject.classes[label.candidate])])
     if args.force:
         remove_previous_outputs(out)
-    save_png(figure, out / "predictions.png")
+    _write_figures({"predictions": figure}, out)
     if not args.no_trigger:
         target = label.candidate if args.target is None else args.target
         report["trigger_recovery"] = _recover(args, subject, exposure, target, out)
@@ -122,20 +127,27 @@ def scan_data(args) -> int:
             groups = {"clean": scores[~known], "poisoned": scores[known]}
         else:
             groups = {"all samples": scores}
-        panels.append(histograms(groups, title=name, xlabel="score (higher = more suspicious)"))
+        panels.append(plots.Figure([plots.Histograms(groups, title=name, xlabel="score (higher = more suspicious)")]))
         report["detectors"][name] = entry
         columns[name] = [f"{float(s):.9g}" for s in scores]  # 9 digits: float32 exactly
     lines = [",".join(columns)] + [",".join(str(columns[c][i]) for c in columns) for i in range(len(data))]
     if args.force:
         remove_previous_outputs(out)
     write_text(out / "scores.csv", "\n".join(lines) + "\n")
-    for name, panel in zip(names, panels):
-        save_png(panel, out / f"scores_{name}.png")
+    _write_figures({f"scores_{name}": panel for name, panel in zip(names, panels)}, out)
     write_json(out / "report.json", report)
     write_text(out / "summary.md", _scan_summary(report))
     print(_scan_summary(report))
     print(f"outputs: {out}")
     return 0
+
+
+def _write_figures(figures: dict[str, plots.Figure], out: Path) -> None:
+    """Writes each figure as ``out/<stem>.png``, ``.svg`` and ``.csv``; without matplotlib only
+    the CSVs, and one line on stderr says how to get the images."""
+    drawn = [plots.write_figure(figure, out / stem) for stem, figure in figures.items()]
+    if not all(drawn):
+        print(f"note: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
 
 
 def _output_dir(args) -> Path:

@@ -18,6 +18,7 @@ from rnp.defenses.masks import ChannelScores
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
 from rnp.io.files import check_output_path, write_json, write_text
+from rnp.io.plots import CSV_HEADER as FIGURE_CSV_HEADER, FORMATS as FIGURE_FORMATS
 from rnp.io.runs import METRICS_FILE, MODEL_FILE, RUN_FILE, save_model
 
 REPORT_FILE = "report.json"
@@ -28,7 +29,8 @@ SCORES_HEADER = "layer,channel,value"
 """First line of every :class:`ChannelScores` CSV, which is how ``--force`` knows one."""
 
 OUTPUT_FILES = (MODEL_FILE, REPORT_FILE, MASKS_FILE, SWEEP_FILE, ARTIFACTS_FILE, METRICS_FILE,
-                "summary.md", "scores.csv", "predictions.png", "triggers.png", "triggers.safetensors")
+                "summary.md", "scores.csv", *(f"predictions.{suffix}" for suffix in FIGURE_FORMATS),
+                "triggers.png", "triggers.safetensors")
 """The fixed names ``rnp defend``, ``inspect`` and ``scan-data`` (and ``rnp evaluate`` beside a
 purified model) write in an output folder; with ``--force`` these are replaced."""
 
@@ -49,8 +51,9 @@ def prepare_output_dir(out, inputs=(), *, force: bool = False) -> Path:
 def remove_previous_outputs(out) -> None:
     """Deletes the files an earlier ``rnp defend``, ``inspect`` or ``scan-data`` wrote in ``out``,
     so no file of another method is left beside the new ones: the names in
-    :data:`OUTPUT_FILES`, ``scores_*.png``, and CSVs of channel scores (first line
-    :data:`SCORES_HEADER`). Everything else in ``out`` (the user's files, sub-folders) is kept."""
+    :data:`OUTPUT_FILES`, the images of ``scores_*`` figures, and CSVs of channel scores or of a
+    figure's data (first line :data:`SCORES_HEADER` or :data:`rnp.io.plots.CSV_HEADER`).
+    Everything else in ``out`` (the user's files, sub-folders) is kept."""
     out = Path(out)
     if out.is_dir():
         for path in list(out.iterdir()):
@@ -59,12 +62,12 @@ def remove_previous_outputs(out) -> None:
 
 
 def _rnp_output(path: Path) -> bool:
-    if path.name in OUTPUT_FILES or (path.name.startswith("scores_") and path.suffix == ".png"):
+    if path.name in OUTPUT_FILES or (path.name.startswith("scores_") and path.suffix[1:] in FIGURE_FORMATS):
         return True
     if path.suffix != ".csv":
         return False
     with path.open(errors="replace") as handle:
-        return handle.readline().rstrip("\r\n") == SCORES_HEADER
+        return handle.readline().rstrip("\r\n") in (SCORES_HEADER, FIGURE_CSV_HEADER)
 
 
 def write_defense_outputs(out, result: DefenseResult, model_spec: dict | None, report: dict,
