@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import inspect
+import itertools
 import math
-import dataclasses
 import textwrap
 import typing
 
@@ -56,7 +57,7 @@ def field_descriptions(config_cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for statement, following in zip(body, body[1:]):
+        for statement, following in itertools.pairwise(body):
             if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
                     and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                     and isinstance(following.value.value, str)):
