@@ -51,12 +51,20 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, *, prefix: s
 @functools.cache
 def field_descriptions(config_cls: type) -> dict[str, str]:
     """Each field's attribute docstring on one line, a subclass's own text before an inherited
-    one; a field without a docstring is left out (the tests require one for every field)."""
+    one; a field without a docstring is left out (the tests require one for every field).
+
+    Without the source (an install that ships only bytecode) there is no text to read, and the
+    help shows the defaults alone rather than failing.
+    """
     descriptions: dict[str, str] = {}
     for klass in reversed(config_cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(textwrap.dedent(source)).body[0].body
         for statement, following in itertools.pairwise(body):
             if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
                     and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
