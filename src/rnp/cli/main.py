@@ -142,7 +142,7 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
                                     "else bench-results/NAME)")
     grid.add_argument("--cache", help="backdoored-model cache (default: the grid's 'cache', else OUT/models)")
     grid.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
-                      help="local: this process; ray: one Ray task per cell (pip install 'rnp[ray]')")
+                      help="local: this process; ray: one Ray task per cell (pip install 'rnp-backdoor[ray]')")
     grid.add_argument("--ray-address", help="a running Ray cluster's address (default: start a local one)")
     grid.add_argument("--threads", type=int, help="torch threads per cell")
     grid.add_argument("--compare", action="store_true",

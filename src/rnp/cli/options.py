@@ -3,27 +3,39 @@
 A field ``unlearn_lr`` becomes ``--unlearn-lr``; tuples take several values; booleans get
 ``--name`` / ``--no-name``. Only options the user actually gives are passed on, so the
 dataclass (or a preset) keeps authority over the defaults.
+
+A field's description is its attribute docstring (the string literal under the field), read
+once by :func:`field_descriptions`: the same text is the option's ``--help`` and the
+configuration tables of the documentation.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import ast
 import dataclasses
+import functools
+import inspect
+import itertools
+import math
+import textwrap
 import typing
 
 
 def add_config_options(parser: argparse.ArgumentParser, config_cls, *, prefix: str = "",
                        skip: tuple[str, ...] = ()) -> None:
-    """Adds one option per field of ``config_cls``, with the field's default in the help."""
+    """Adds one option per field of ``config_cls``, its help the field's description followed
+    by its default."""
     hints = typing.get_type_hints(config_cls)
+    descriptions = field_descriptions(config_cls)
     group = parser.add_argument_group(f"{config_cls.__name__} settings")
     for field in dataclasses.fields(config_cls):
         if field.name in skip:
             continue
         flag = "--" + prefix + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"default: {field.default}"
+        description = descriptions.get(field.name, "").replace("%", "%%")
+        help_text = f"{description} (default: {field.default})".lstrip()
         dest = f"{prefix.replace('-', '_')}{field.name}"
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
@@ -34,6 +46,31 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, *, prefix: s
                                help=help_text)
         else:
             group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+@functools.cache
+def field_descriptions(config_cls: type) -> dict[str, str]:
+    """Each field's attribute docstring on one line, a subclass's own text before an inherited
+    one; a field without a docstring is left out (the tests require one for every field).
+
+    Without the source (an install that ships only bytecode) there is no text to read, and the
+    help shows the defaults alone rather than failing.
+    """
+    descriptions: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(textwrap.dedent(source)).body[0].body
+        for statement, following in itertools.pairwise(body):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                descriptions[statement.target.id] = " ".join(following.value.value.split())
+    return descriptions
 
 
 def config_overrides(args: argparse.Namespace, config_cls, *, prefix: str = "") -> dict:

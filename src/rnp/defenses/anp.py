@@ -60,21 +60,39 @@ PRUNE_RULES = ("threshold", "number")
 class ANPConfig:
     """Every ANP hyperparameter; defaults are the paper's / the authors' code's."""
 
-    iterations: int = 2000  # paper and code --nb-iter: 2000 mini-batches
-    batch_size: int = 128  # paper and code --batch-size
-    augment: bool = True  # code: RandomCrop(32, padding=4) + RandomHorizontalFlip on the clean set
-    lr: float = 0.2  # paper and code --lr: constant mask learning rate
-    momentum: float = 0.9  # paper and code: SGD momentum of the masks
-    eps: float = 0.4  # paper and code --anp-eps: perturbation budget; 0 turns perturbation off
-    steps: int = 1  # code --anp-steps: signed-gradient ascent steps per iteration
-    step_scale: float = 1.0  # code: step size eps / steps (the noise optimizer's lr) times this
-    project_perturbation: bool = True  # paper: |delta|, |xi| <= eps; code: no clipping (False)
-    alpha: float = 0.2  # paper and code --anp-alpha: weight of the unperturbed loss
-    prune_by: str = "threshold"  # code prune_neuron_cifar.py --pruning-by (default threshold)
-    threshold: float = 0.2  # paper: threshold 0.2; code prunes mask <= threshold (rule "threshold")
-    prune_number: int = 20  # rule "number": no single published value; recipe.md steps by 20
-    mask_layers: str = "auto"  # (paper: batchnorm) auto | comma list of batchnorm, layernorm, conv, linear
+    iterations: int = 2000
+    """Mini-batches of mask optimisation (paper, code --nb-iter: 2000)."""
+    batch_size: int = 128
+    """Clean images per batch (paper, code --batch-size)."""
+    augment: bool = True
+    """Random crop (padding 4) and horizontal flip of the clean set (code)."""
+    lr: float = 0.2
+    """Constant learning rate of the masks (paper, code --lr)."""
+    momentum: float = 0.9
+    """SGD momentum of the masks (paper, code)."""
+    eps: float = 0.4
+    """Perturbation budget; 0 turns the perturbation off (paper, code --anp-eps)."""
+    steps: int = 1
+    """Signed-gradient ascent steps on the perturbations per iteration (code --anp-steps)."""
+    step_scale: float = 1.0
+    """The ascent step is eps / steps (the noise optimiser's lr in the code) times this."""
+    project_perturbation: bool = True
+    """Clip the perturbations to [-eps, eps] (paper); False: no clipping (code)."""
+    alpha: float = 0.2
+    """Weight of the unperturbed loss (paper, code --anp-alpha)."""
+    prune_by: str = "threshold"
+    """Pruning rule: threshold or number (code prune_neuron_cifar.py --pruning-by, default
+    threshold)."""
+    threshold: float = 0.2
+    """Rule 'threshold': prune masks <= this (paper: 0.2)."""
+    prune_number: int = 20
+    """Rule 'number': prune this many channels (no single published value; the code's recipe steps
+    by 20)."""
+    mask_layers: str = "auto"
+    """Layers that carry masks: auto or a comma list of batchnorm, layernorm, conv, linear (paper:
+    batchnorm)."""
     seed: int = 0
+    """Seeds the batch order and the perturbations."""
 
     def __post_init__(self):
         check_config(self)

@@ -55,8 +55,11 @@ from rnp.utils import check_config
 class CLPConfig:
     """Every CLP hyperparameter."""
 
-    u: float = 3.0  # (paper) threshold mean + u * std per layer; release test.py default -u 3.
-    zero_shift: bool = True  # (paper) the release zeroes BN beta with gamma; False: gamma only
+    u: float = 3.0
+    """Prune the channels whose Lipschitz upper bound exceeds mean + u * std of their layer (paper;
+    release test.py -u 3)."""
+    zero_shift: bool = True
+    """Zero BatchNorm's beta with its gamma, as the release does (paper); False: gamma only."""
 
     def __post_init__(self):
         check_config(self)

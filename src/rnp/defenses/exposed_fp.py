@@ -33,6 +33,7 @@ class ExposedFPConfig(FPConfig):
     """Fine-Pruning's settings, plus which layers RNP masks (see ``RNPConfig.mask_layers``)."""
 
     mask_layers: str = "auto"
+    """Layers that carry RNP's masks, as RNPConfig.mask_layers."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -71,10 +71,15 @@ NORMALISATIONS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Inst
 class FPConfig(FineTuneFields):
     """Every Fine-Pruning hyperparameter; the fine-tuning fields are FT's defaults."""
 
-    layer: str = ""  # the conv to prune, by module name; "" = the last nn.Conv2d (paper)
-    allowed_drop: float = 0.04  # paper: stop before clean accuracy falls by more than 4 points
-    max_prune_fraction: float = 1.0  # paper: no cap besides the accuracy rule
-    prune_step: int = 1  # paper: 1, the accuracy is checked after every pruned channel
+    layer: str = ""
+    """The convolution to prune, by module name; empty: the last nn.Conv2d (paper)."""
+    allowed_drop: float = 0.04
+    """Stop before clean-set accuracy falls by more than this (paper: 4 points)."""
+    max_prune_fraction: float = 1.0
+    """Never prune more than this share of the layer's channels (paper: no cap besides the accuracy
+    rule)."""
+    prune_step: int = 1
+    """Channels pruned between accuracy checks (paper: 1, checked after every channel)."""
 
     def __post_init__(self):
         super().__post_init__()

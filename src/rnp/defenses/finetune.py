@@ -45,16 +45,26 @@ class FineTuneFields:
     extend it, and each sets the defaults of its own paper.
     """
 
-    epochs: int = 10  # NAD's FT baseline: 10 epochs
-    batch_size: int = 64  # NAD's FT baseline: batch 64
-    lr: float = 0.01  # NAD's FT baseline: learning rate 0.01
-    momentum: float = 0.9  # NAD's FT baseline: SGD momentum 0.9
-    weight_decay: float = 5e-4  # NAD's FT baseline: weight decay 5e-4
-    nesterov: bool = False  # plain momentum SGD
-    milestones: tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by gamma
-    gamma: float = 0.1  # learning-rate factor at each milestone
-    augment: bool = True  # random crop (padding 4) + horizontal flip of the clean images
-    seed: int = 0  # drives batch order and augmentation
+    epochs: int = 10
+    """Fine-tuning epochs (NAD's FT baseline: 10)."""
+    batch_size: int = 64
+    """Clean images per batch (NAD's FT baseline: 64)."""
+    lr: float = 0.01
+    """SGD learning rate (NAD's FT baseline: 0.01)."""
+    momentum: float = 0.9
+    """SGD momentum (NAD's FT baseline: 0.9)."""
+    weight_decay: float = 5e-4
+    """SGD weight decay (NAD's FT baseline: 5e-4)."""
+    nesterov: bool = False
+    """Nesterov momentum (default: plain momentum SGD)."""
+    milestones: tuple[int, ...] = ()
+    """Epochs at which the learning rate is multiplied by gamma."""
+    gamma: float = 0.1
+    """Learning-rate factor at each milestone."""
+    augment: bool = True
+    """Random crop (padding 4) and horizontal flip of the clean images."""
+    seed: int = 0
+    """Seeds the batch order and augmentation."""
 
     def __post_init__(self):
         check_config(self)

@@ -66,18 +66,31 @@ OPTIMIZERS = ("adam", "sgd")
 class IBAUConfig:
     """Every I-BAU hyperparameter; defaults are the authors' release (see the module docstring)."""
 
-    rounds: int = 5  # release defense.py --n_rounds (its README example uses 3, the notebook 1)
-    fixed_point_iterations: int = 5  # release --K: Neumann-series terms of the inverse Hessian
-    batch_size: int = 100  # release --batch_size
-    optimizer: str = "adam"  # release --optim (Adam; SGD also offered there)
-    lr: float = 1e-3  # release --lr; the notebook uses Adam's default, also 1e-3
-    perturbation_lr: float = 10.0  # release: SGD(lr=10) on the universal perturbation
-    perturbation_norm: float = 10.0  # release notebook: L2 ball of radius 10 (defense.py: commented out)
-    perturbation_penalty: float = 1e-3  # release: inner loss adds 0.001 * ||delta||^2
-    perturbation_epochs: int = 1  # release: one pass over the clean set per round
-    fixed_point_lr: float = 0.1  # release: GradientDescent(loss_inner, 0.1) is the fixed-point map
-    perturbed_fraction: float = 0.01  # release loss_outer: portion = 0.01 of each batch perturbed
+    rounds: int = 5
+    """Rounds of minimax unlearning (release defense.py --n_rounds; its README example uses 3, the
+    notebook 1)."""
+    fixed_point_iterations: int = 5
+    """Neumann-series terms of the inverse Hessian (release --K)."""
+    batch_size: int = 100
+    """Clean images per batch (release --batch_size)."""
+    optimizer: str = "adam"
+    """The model's optimiser: adam (release --optim) or sgd."""
+    lr: float = 1e-3
+    """The model's learning rate (release --lr; the notebook uses Adam's default, also 1e-3)."""
+    perturbation_lr: float = 10.0
+    """Learning rate of the SGD on the universal perturbation (release: 10)."""
+    perturbation_norm: float = 10.0
+    """L2 radius of the perturbation (release notebook: 10; commented out in defense.py)."""
+    perturbation_penalty: float = 1e-3
+    """The inner loss adds this times ||delta||^2 (release: 0.001)."""
+    perturbation_epochs: int = 1
+    """Passes over the clean set per round that fit the perturbation (release: 1)."""
+    fixed_point_lr: float = 0.1
+    """Step of the gradient-descent fixed-point map (release: GradientDescent(loss_inner, 0.1))."""
+    perturbed_fraction: float = 0.01
+    """Share of each batch perturbed in the outer loss (release: portion = 0.01)."""
     seed: int = 0
+    """Seeds the batch order and the choice of perturbed images."""
 
     def __post_init__(self):
         check_config(self)

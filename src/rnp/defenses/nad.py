@@ -56,15 +56,26 @@ from rnp.errors import RnpError
 class NADConfig(FineTuneFields):
     """Every NAD hyperparameter; the inherited SGD fields drive both teacher and student."""
 
-    epochs: int = 10  # paper 4.1: student trained 10 epochs (code config: 20)
-    lr: float = 0.1  # paper 4.1 and code --lr: initial learning rate
-    weight_decay: float = 1e-4  # paper 4.1 and code --weight_decay
-    nesterov: bool = True  # code: SGD(..., nesterov=True)
-    milestones: tuple[int, ...] = (2,)  # code adjust_learning_rate: 0.1 for 2 epochs, then 0.01
-    teacher_epochs: int = 10  # code README: teacher = backdoored model fine-tuned 5~10 epochs
-    betas: tuple[float, ...] = (0.0, 0.0, 5000.0)  # (code) per-group betas, last = deepest group
-    power: float = 2.0  # paper and code --p: attention map uses |a|^p
-    layers: tuple[str, ...] = ()  # modules to distil at; () = the last len(betas) stages
+    epochs: int = 10
+    """Epochs of the student's training (paper 4.1: 10; code config: 20)."""
+    lr: float = 0.1
+    """Initial learning rate of teacher and student (paper 4.1, code --lr)."""
+    weight_decay: float = 1e-4
+    """SGD weight decay (paper 4.1, code --weight_decay)."""
+    nesterov: bool = True
+    """Nesterov momentum (code: SGD(..., nesterov=True))."""
+    milestones: tuple[int, ...] = (2,)
+    """Epochs at which the learning rate is multiplied by gamma (code: 0.1 for 2 epochs, then
+    0.01)."""
+    teacher_epochs: int = 10
+    """Epochs of fine-tuning that make the teacher (code README: the backdoored model fine-tuned 5
+    to 10 epochs)."""
+    betas: tuple[float, ...] = (0.0, 0.0, 5000.0)
+    """Attention-distillation weight per layer group, the last for the deepest (code)."""
+    power: float = 2.0
+    """The attention map is |a|^power (paper, code --p)."""
+    layers: tuple[str, ...] = ()
+    """Modules to distil at, by name; empty: the outputs of the last len(betas) stages."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -49,15 +49,25 @@ from rnp.utils import check_config, generator_for, progress_bar
 class NeuralCleanseConfig(TriggerReverseConfig):
     """Every NC hyperparameter: the trigger search's (inherited) plus detection and unlearning."""
 
-    anomaly_threshold: float = 2.0  # (paper, release) flag classes with anomaly index above this
-    unlearn_fraction: float = 0.2  # (paper) share of clean images stamped with the trigger
-    unlearn_epochs: int = field(default=1, metadata={"own_range": True})  # (paper) 1 epoch; 0: none
-    unlearn_lr: float = 0.01  # not published; this toolkit's fine-tuning rate
-    unlearn_momentum: float = 0.9  # not published; SGD momentum as above
-    unlearn_weight_decay: float = 5e-4  # not published; as above
-    unlearn_batch_size: int = 32  # not published; the release's batch size
-    unlearn_augment: bool = False  # not published; the release does not augment
+    anomaly_threshold: float = 2.0
+    """Flag the classes whose anomaly index is above this (paper, release)."""
+    unlearn_fraction: float = 0.2
+    """Share of the clean images stamped with the recovered trigger, true labels kept, for
+    unlearning (paper)."""
+    unlearn_epochs: int = field(default=1, metadata={"own_range": True})
+    """Epochs of unlearning (paper: 1); 0: none."""
+    unlearn_lr: float = 0.01
+    """Learning rate of the unlearning SGD (not published; this toolkit's fine-tuning rate)."""
+    unlearn_momentum: float = 0.9
+    """Momentum of the unlearning SGD (not published)."""
+    unlearn_weight_decay: float = 5e-4
+    """Weight decay of the unlearning SGD (not published)."""
+    unlearn_batch_size: int = 32
+    """Batch size of unlearning (not published; the release's batch size)."""
+    unlearn_augment: bool = False
+    """Crop and flip while unlearning (not published; the release does not augment)."""
     seed: int = 0
+    """Seeds the trigger searches, the images stamped and the unlearning."""
 
     def __post_init__(self):
         check_config(self)

@@ -22,7 +22,7 @@ whole default RNP run on CIFAR-10 (about 20 s).
 
 ``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
-field says so, and the README lists the measurements.
+field says so, and the documentation (docs/method/) lists the measurements.
 """
 
 from __future__ import annotations
@@ -57,30 +57,61 @@ SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 class RNPConfig:
     """Every RNP hyperparameter. Defaults marked (paper) are the official code's."""
 
-    batch_size: int = 128  # (paper)
-    augment: bool = True  # (paper) random crop with padding 4 + horizontal flip
-    unlearn_lr: float = 0.01  # (paper)
-    unlearn_momentum: float = 0.9  # (paper)
-    unlearn_weight_decay: float = 5e-4  # (paper)
-    unlearn_milestones: tuple[int, ...] = (10, 20)  # (paper) MultiStepLR, per epoch
-    unlearn_gamma: float = 0.1  # (paper)
-    unlearn_epochs: int = 20  # (paper)
-    clean_threshold: float = 0.2  # (paper) stop once clean-set accuracy is at most this
-    stop_check: str = "step"  # paper: "epoch" (epoch accuracy); "step": the batch just used
-    recover_lr: float = 0.02  # paper: 0.2, which drives many masks to exactly 0 on small models
-    recover_momentum: float = 0.9  # (paper)
-    recover_epochs: int = 20  # (paper)
-    alpha: float = 0.2  # (paper) the recovering loss is alpha * CE
-    tie_break: str = "gradient"  # paper: "index"; equal masks ordered by how hard descent pushed them
-    prune_rule: str = "auto"  # paper: "threshold"; "auto" uses the clean set only
-    threshold: float = 0.2  # prune channels with mask <= threshold (rule "threshold")
-    prune_number: int = 10  # prune this many channels in mask order (rule "number")
-    tolerance: float = 0.02  # rule "auto": largest pruning whose clean-set accuracy drop <= this
-    max_prune_fraction: float = 0.05  # rule "auto": never prune more than this share of channels
-    mask_layers: str = "auto"  # (paper: batchnorm) auto | comma list of batchnorm, layernorm, conv, linear
-    # not in the paper: speed only, see "Memory layout" above; left out of records at its default
+    batch_size: int = 128
+    """Clean images per step of unlearning and recovering, and per batch when the pruning rule
+    evaluates (paper)."""
+    augment: bool = True
+    """Random crop with padding 4 and horizontal flip of the clean images while unlearning and
+    recovering (paper)."""
+    unlearn_lr: float = 0.01
+    """Learning rate of the unlearning SGD, stage 1 (paper)."""
+    unlearn_momentum: float = 0.9
+    """Momentum of the unlearning SGD (paper)."""
+    unlearn_weight_decay: float = 5e-4
+    """Weight decay of the unlearning SGD (paper)."""
+    unlearn_milestones: tuple[int, ...] = (10, 20)
+    """Epochs at which the unlearning learning rate is multiplied by unlearn_gamma (paper:
+    MultiStepLR)."""
+    unlearn_gamma: float = 0.1
+    """Factor of the unlearning learning rate at each milestone (paper)."""
+    unlearn_epochs: int = 20
+    """Most epochs of unlearning (paper)."""
+    clean_threshold: float = 0.2
+    """Unlearning stops once clean-set accuracy is at most this (paper)."""
+    stop_check: str = "step"
+    """When the stop is checked: 'step' on the batch just used; 'epoch' on the epoch's running
+    accuracy (paper)."""
+    recover_lr: float = 0.02
+    """Learning rate of the masks while recovering, stage 2 (paper: 0.2, which drives many masks to
+    exactly 0 on small models)."""
+    recover_momentum: float = 0.9
+    """Momentum of the masks' SGD while recovering (paper)."""
+    recover_epochs: int = 20
+    """Epochs of mask recovery (paper)."""
+    alpha: float = 0.2
+    """The recovering loss is alpha times the cross-entropy (paper)."""
+    tie_break: str = "gradient"
+    """Order of equal masks: 'gradient' by how hard descent pushed them down; 'index' in layer order
+    (paper)."""
+    prune_rule: str = "auto"
+    """How many channels to prune: 'auto' (decided on the clean set only), 'threshold' (paper) or
+    'number'."""
+    threshold: float = 0.2
+    """Rule 'threshold': prune channels with mask <= this."""
+    prune_number: int = 10
+    """Rule 'number': prune this many channels in mask order."""
+    tolerance: float = 0.02
+    """Rule 'auto': the largest pruning whose clean-set accuracy drop is at most this."""
+    max_prune_fraction: float = 0.05
+    """Rule 'auto': never prune more than this share of the channels."""
+    mask_layers: str = "auto"
+    """Layers that carry masks: auto (BatchNorm if any, else LayerNorm, else convolution and linear)
+    or a comma list of batchnorm, layernorm, conv, linear (paper: batchnorm)."""
     channels_last: bool = field(default=False, metadata={"omit_default": True})
+    """Unlearn and recover with channels-last weights: speed only, not in the paper; off by default
+    so that a seed keeps giving the same result (left out of records at its default)."""
     seed: int = 0
+    """Seeds the batch order and augmentation of unlearning and recovering."""
 
     def __post_init__(self):
         check_config(self)

@@ -66,25 +66,46 @@ INITS = ("max", "zero")
 class SAUConfig:
     """Every SAU hyperparameter. (release): BackdoorBench config/defense/sau/config.yaml."""
 
-    epochs: int = 100  # (release) n_rounds
-    batch_size: int = 256  # (release)
-    lr: float = 1e-4  # (release) Adam, constant (the release's cosine schedule is never stepped)
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # (release)
-    weight_decay: float = 0.0  # (release) wd
-    augment: bool = False  # (release) the clean set is loaded with the test transform
-    norm: str = "linf"  # (release) norm_type L_inf; "l2" also offered
-    epsilon: float = 0.2  # (release) trigger_norm: radius of the ball, [0, 1] pixel units
-    step_size: float = 0.2  # (release) adv_lr
-    pgd_steps: int = 5  # (release) adv_steps
-    pgd_init: str = "max"  # (release) "max": +epsilon on every pixel; "zero"
-    beta_1: float = 0.01  # (release) weight of the adversarial term in the maximisation
-    beta_2: float = 1.0  # (release) weight of the sharing (JS) term in the maximisation
-    lambda_1: float = 1.0  # (release) lmd_1: clean cross-entropy
-    lambda_2: float = 0.0  # (release) lmd_2: cross-entropy on perturbed images (plain AT), off
-    lambda_3: float = 1.0  # (release) lmd_3: shared adversarial risk L_sar
-    updates_per_batch: int = 1  # (release) outer_steps
-    train_batchnorm: bool = False  # (release) train_mode off: BN statistics frozen in updates
-    seed: int = 0  # batch order (and augmentation, if on)
+    epochs: int = 100
+    """Epochs of unlearning (release n_rounds)."""
+    batch_size: int = 256
+    """Clean images per batch (release)."""
+    lr: float = 1e-4
+    """Constant Adam learning rate (release; its cosine schedule is never stepped)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas (release)."""
+    weight_decay: float = 0.0
+    """Adam weight decay (release wd)."""
+    augment: bool = False
+    """Crop and flip the clean set (release: off, it loads the clean set with the test
+    transform)."""
+    norm: str = "linf"
+    """Norm of the perturbation ball: linf (release norm_type) or l2."""
+    epsilon: float = 0.2
+    """Radius of the ball in [0, 1] pixel units (release trigger_norm)."""
+    step_size: float = 0.2
+    """PGD step size (release adv_lr)."""
+    pgd_steps: int = 5
+    """PGD steps (release adv_steps)."""
+    pgd_init: str = "max"
+    """PGD start: 'max' puts +epsilon on every pixel (release); 'zero'."""
+    beta_1: float = 0.01
+    """Weight of the adversarial term in the maximisation (release)."""
+    beta_2: float = 1.0
+    """Weight of the sharing (JS) term in the maximisation (release)."""
+    lambda_1: float = 1.0
+    """Weight of the clean cross-entropy (release lmd_1)."""
+    lambda_2: float = 0.0
+    """Weight of the cross-entropy on perturbed images, plain adversarial training; off (release
+    lmd_2)."""
+    lambda_3: float = 1.0
+    """Weight of the shared adversarial risk (release lmd_3)."""
+    updates_per_batch: int = 1
+    """Model updates per batch (release outer_steps)."""
+    train_batchnorm: bool = False
+    """Update BatchNorm statistics during the updates (release train_mode: off, frozen)."""
+    seed: int = 0
+    """Seeds the batch order (and augmentation, if on)."""
 
     def __post_init__(self):
         check_config(self)

@@ -49,18 +49,33 @@ TANH_EPSILON = 1e-7  # Keras' K.epsilon(), keeps the squashed values strictly in
 class TriggerReverseConfig:
     """Hyperparameters of the per-class trigger search (defaults: the authors' release)."""
 
-    steps: int = 1000  # (release) STEPS: optimisation steps per class at most
-    samples_per_step: int = 1000  # (release) NB_SAMPLE: images per step; batches = this // batch_size
-    batch_size: int = 32  # (release) BATCH_SIZE
-    lr: float = 0.1  # (release) LR of Adam
-    betas: tuple[float, float] = (0.5, 0.9)  # (release) Adam(beta_1=0.5, beta_2=0.9)
-    init_cost: float = 1e-3  # (release, paper) first weight of the mask's L1 norm
-    attack_success_threshold: float = 0.99  # (release) ATTACK_SUCC_THRESHOLD
-    patience: int = 5  # (release) PATIENCE, steps before the cost changes
-    cost_multiplier: float = 2.0  # (release example) COST_MULTIPLIER; lowered by its 1.5th power
-    early_stop: bool = True  # (release) EARLY_STOP
-    early_stop_threshold: float = 1.0  # (release example) stale unless best norm < this * previous best
-    early_stop_patience: int = 25  # (release example) 5 * PATIENCE stale steps end the search
+    steps: int = 1000
+    """Optimisation steps per class at most (release STEPS)."""
+    samples_per_step: int = 1000
+    """Images per step; batches per step = this // batch_size (release NB_SAMPLE)."""
+    batch_size: int = 32
+    """Images per batch (release BATCH_SIZE)."""
+    lr: float = 0.1
+    """Learning rate of Adam (release LR)."""
+    betas: tuple[float, float] = (0.5, 0.9)
+    """Adam's beta_1 and beta_2 (release: 0.5, 0.9)."""
+    init_cost: float = 1e-3
+    """First weight of the mask's L1 norm in the loss (release, paper)."""
+    attack_success_threshold: float = 0.99
+    """Success rate of the stamped images at which a trigger counts as found (release
+    ATTACK_SUCC_THRESHOLD)."""
+    patience: int = 5
+    """Steps before the cost changes (release PATIENCE)."""
+    cost_multiplier: float = 2.0
+    """Factor that raises the cost; it is lowered by its 1.5th power (release example
+    COST_MULTIPLIER)."""
+    early_stop: bool = True
+    """End a class's search when the best mask norm stops improving (release EARLY_STOP)."""
+    early_stop_threshold: float = 1.0
+    """A step is stale unless the best norm falls below this times the previous best (release
+    example)."""
+    early_stop_patience: int = 25
+    """Stale steps that end the search (release example: 5 * PATIENCE)."""
 
     def __post_init__(self):
         check_config(self)  # types and finite floats (a NaN lr passed the range checks below)

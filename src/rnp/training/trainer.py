@@ -45,17 +45,33 @@ class TrainConfig:
     """
 
     epochs: int = 60
+    """Training epochs (official code: 60)."""
     batch_size: int = 128
+    """Images per step (official code)."""
     lr: float = 0.1
+    """Initial SGD learning rate (official code)."""
     momentum: float = 0.9
+    """SGD momentum (official code)."""
     weight_decay: float = 5e-4
+    """SGD weight decay (official code)."""
     schedule: str = "cosine"
+    """Learning-rate schedule: cosine (reaches a usable accuracy in short CPU runs), multistep
+    (official code) or constant."""
     milestones: tuple[int, ...] = (10, 20)
+    """Epochs at which the multistep schedule multiplies the learning rate by gamma (official
+    code)."""
     gamma: float = 0.1
+    """Learning-rate factor at each milestone of the multistep schedule (official code)."""
     augment: bool = True
+    """Random crop (padding 4) and horizontal flip of the training images (official code)."""
     seed: int = 0
+    """Seeds the initial weights, the batch order and the augmentation."""
     amp: str = field(default="auto", metadata={"omit_default": True})
+    """Mixed precision: auto (CUDA only, float16 with loss scaling), on (also the CPU, bfloat16,
+    which changes the results) or off; left out of run records at auto."""
     channels_last: bool = field(default=False, metadata={"omit_default": True})
+    """Train with channels-last (NHWC) weights, faster for bfloat16 on CPUs with AMX; the trained
+    weights come back in the usual order."""
 
     def __post_init__(self):
         check_config(self)  # types, finite floats, momentum in [0, 1), weight decay >= 0, gamma > 0
