@@ -92,6 +92,26 @@ def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatc
     assert why[0].startswith("tiny preact_resnet18-w4 badnets seed 0:")
 
 
+def test_a_verified_equivalent_training_code_reuses_the_subject(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    old = fingerprint.training_fingerprint()
+    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    monkeypatch.setitem(fingerprint.EQUIVALENT_TRAINING_CODE, "newtraining0", (old,))
+    lines = []
+    second = run(small_grid(data), tmp_path, lines)
+    assert second.records[0]["subject_run"] == first.records[0]["subject_run"]
+    assert second.records[0]["subject_code"]["training_code"] == old
+    assert not [line for line in lines if "training subject" in line]
+    assert [line for line in lines if "verified to train the same models" in line]
+
+
+def test_equivalent_training_codes_follow_chains_nearest_first(monkeypatch):
+    monkeypatch.setattr(fingerprint, "EQUIVALENT_TRAINING_CODE", {"c": ("b",), "b": ("a",), "a": ("c",)})
+    assert fingerprint.equivalent_training_codes("c") == ["b", "a"]
+    assert fingerprint.equivalent_training_codes("z") == []
+
+
 def legacy_key(data: Path, grid) -> str:
     """The key every subject was cached under before fingerprints (the package version hashed)."""
     subject = grid.subjects()[0]

@@ -28,6 +28,13 @@ attacks (poisoning, triggers, generators), the training loop, and the seeding he
 ``rnp/utils.py``. ``rnp/bench/subjects.py`` (which calls them) is left out on purpose: it also
 holds the cache's own logic, whose edits must not retrain every subject."""
 
+EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {}
+"""Training fingerprints verified to train the same models as older ones: ``{newer: (older,
+...)}``. An entry is added only after ``benchmarks/training_equivalence.py --against REV`` found
+every canary subject (each attack, float32 and bfloat16) bit-identical under both codes, so an
+edit that changes no trained weight (a docstring, a moved helper) keeps the cached subjects,
+which cost hours each, instead of retraining them. Edits that change a weight get no entry."""
+
 FINGERPRINT_LENGTH = 12
 """Hex digits kept: enough to tell code versions apart, short enough for folder names."""
 
@@ -53,6 +60,18 @@ def package_fingerprint() -> str:
 def training_fingerprint() -> str:
     """The fingerprint of the code that shapes a trained model (:data:`TRAINING_CODE`)."""
     return source_fingerprint(TRAINING_CODE)
+
+
+def equivalent_training_codes(code: str) -> list[str]:
+    """The older training fingerprints ``code`` was verified to train the same models as, through
+    chains of :data:`EQUIVALENT_TRAINING_CODE` entries, nearest first."""
+    found, frontier = [], [code]
+    while frontier:
+        older = [c for current in frontier for c in EQUIVALENT_TRAINING_CODE.get(current, ())
+                 if c != code and c not in found]
+        found.extend(dict.fromkeys(older))
+        frontier = older
+    return found
 
 
 def _sources(parts: tuple[str, ...] | None) -> list[Path]:

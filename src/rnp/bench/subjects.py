@@ -8,6 +8,9 @@ code that shapes a trained model (:func:`rnp.bench.fingerprint.training_fingerpr
 - an edit to the training code (data, models, attacks, training, seeding) retrains, into a new
   folder beside the old one, and says why (which other fingerprints the cache holds);
 - an edit anywhere else (defenses, benchmarks, reports, the CLI) reuses every subject;
+- an edit to the training code that changes no trained weight reuses them too, once
+  ``benchmarks/training_equivalence.py`` has verified it and the fingerprints are declared
+  equivalent (:data:`rnp.bench.fingerprint.EQUIVALENT_TRAINING_CODE`);
 - a *pre-fingerprint* folder (keyed on the package version, as every subject trained before
   this policy was) is adopted once: the first code that finds it marks it as its own
   (``adopted.json``, with a log line saying so and how to retrain) and reuses it; code with
@@ -30,7 +33,7 @@ import torch
 
 from rnp import __version__
 from rnp.attacks import Attack
-from rnp.bench.fingerprint import training_fingerprint
+from rnp.bench.fingerprint import equivalent_training_codes, training_fingerprint
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
@@ -147,6 +150,11 @@ def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
     spec, code = _subject_spec(data_spec, kwargs), training_fingerprint()
     out = cache_root / f"{_hash(spec)}-{code}"
     if not (out / MODEL_FILE).exists():
+        earlier = _equivalent_folder(cache_root, spec, code, fresh=not out.exists())
+        if earlier is not None:
+            log(f"reusing subject {earlier.name}: its training code was verified to train the same "
+                f"models as this code ({code})")
+            return train_run(earlier, data_spec, **kwargs)
         legacy = _adopted_legacy(cache_root, spec, code, log)
         if legacy is not None:
             return train_run(legacy, data_spec, **kwargs)
@@ -175,6 +183,18 @@ def _subject_spec(data_spec: str, kwargs: dict) -> dict:
     if kwargs.get("holdout"):
         spec["holdout"] = kwargs["holdout"]
     return spec
+
+
+def _equivalent_folder(cache_root: Path, spec: dict, code: str, *, fresh: bool) -> Path | None:
+    """The folder of ``spec`` trained by a training code verified equivalent to ``code``: a
+    finished one, else (when ``fresh``: this code has not started its own) an interrupted one,
+    which this code then resumes."""
+    folders = [cache_root / f"{_hash(spec)}-{older}" for older in equivalent_training_codes(code)]
+    finished = [f for f in folders if (f / MODEL_FILE).exists()]
+    if finished:
+        return finished[0]
+    started = [f for f in folders if (f / CHECKPOINT_FILE).exists()]
+    return started[0] if started and fresh else None
 
 
 def _adopted_legacy(cache_root: Path, spec: dict, code: str, log) -> Path | None:
