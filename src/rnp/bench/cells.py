@@ -86,7 +86,8 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
 def _defend(cell: Cell, model, clean) -> DefenseResult:
     if cell.defense == NO_DEFENSE:
         return DefenseResult(model, {"method": NO_DEFENSE})
-    return DEFENSES[cell.defense](**cell.settings).fit(model, clean)
+    defense = DEFENSES[cell.defense]  # the grid's settings are relative to the paper's config
+    return defense(defense.config_class(**cell.settings)).fit(model, clean)
 
 
 def _load_model(run_dir: str):
