@@ -27,13 +27,14 @@ on 20% stamped images for 1 epoch. Deviations and choices the paper leaves open:
   the sample. The stamped 20% are drawn once (seeded), as in the paper, and stamped images are
   stored as uint8 like any image; with several flagged classes their triggers take turns.
 
-Budget: the paper's search costs up to 1000 steps x 31 batches = 31,000 batches per class, which
-on a CPU runs for days (about 133 hours for 10 classes at width 8 on 2,000 images). So
-:class:`NeuralCleanse` runs the ``"cpu"`` budget unless told otherwise: 120 steps of 64 samples
-per class (the CPU benchmark grid's, ``benchmarks/grids/cpu.yaml``), 240 batches, everything
-else as above. ``budget="paper"`` (CLI ``--budget paper``) runs the published search; a
-whole :class:`NeuralCleanseConfig` (its defaults are the paper's) and explicit ``steps`` or
-``samples_per_step`` settings take precedence over the budget.
+Budget: the paper's search costs up to 1000 steps x 31 batches = 31,000 batches per class,
+days on a CPU (a user's CPU run, 10 classes at width 8 on 2,000 clean images, showed an ETA of
+133 hours). So :class:`NeuralCleanse` runs the ``"cpu"`` budget unless told otherwise: 120
+steps of 64 samples per class (2 batches each, 240 per class; the CPU benchmark grid's,
+``benchmarks/grids/cpu.yaml``), everything else as above. ``budget="paper"`` (CLI
+``--budget paper``) runs the published search; a whole :class:`NeuralCleanseConfig` (its
+defaults are the paper's) and explicit ``steps`` or ``samples_per_step`` settings take
+precedence over the budget.
 """
 
 from __future__ import annotations
