@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from rnp.bench.runner import _time_left
 from rnp.defenses import RNP, NeuralCleanse, NeuralCleanseConfig
 from rnp.defenses import rnp as rnp_module
 from rnp.errors import RnpError
@@ -100,3 +101,8 @@ def test_neural_cleanse_runs_the_cpu_budget_unless_told_otherwise():
         NeuralCleanse(budget="gpu")
     with pytest.raises(RnpError, match="either a config or a budget"):
         NeuralCleanse(NeuralCleanseConfig(), budget="paper")
+
+
+def test_the_grid_estimates_the_cells_left_at_the_pace_so_far():
+    assert _time_left(120.0, 2, 10) == "; estimated 8 min for the 8 cells left (at 60 s/cell so far)"
+    assert _time_left(120.0, 10, 10) == ""
