@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from rnp.errors import RnpError
+from rnp.progress import Progress
 
 
 def seed_everything(seed: int) -> None:
@@ -27,13 +28,15 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr, or None when disabled (callers pass it on and check for None)."""
+def progress_bar(total: int, desc: str, enabled: bool = True, *, detail: str = "",
+                 unit: str = "step", bounded: bool = False, timed: bool = True):
+    """A :class:`rnp.progress.Progress` counting the loop's steps and logging its time estimate,
+    shown as a tqdm bar on stderr when ``enabled`` (``detail``, ``unit``, ``bounded``, ``timed``: see there)."""
     if not enabled:
-        yield None
+        yield Progress(total, desc, detail=detail, unit=unit, bounded=bounded, timed=timed)
         return
     with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-        yield bar
+        yield Progress(total, desc, bar, detail=detail, unit=unit, bounded=bounded, timed=timed)
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -23,6 +23,7 @@ from rnp.bench.grid import Cell, Grid
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
 from rnp.io.files import read_json, write_json
+from rnp.progress import format_duration
 
 CELLS_FOLDER = "cells"
 
@@ -95,18 +96,30 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
                                 progress=executor == "local", log=log)
     execute = functools.partial(run_cell, data_cache=data_cache, device=device, threads=threads)
     result = GridRun(records=[])
+    cells_start = time.perf_counter()
     for number, (cell, outcome) in enumerate(runner.run(todo, prepare, execute), start=1):
         where = f"[{number}/{len(todo)}] {cell.subject.label} / {cell.name or cell.defense}"
+        left = _time_left(time.perf_counter() - cells_start, number, len(todo))
         if isinstance(outcome, RnpError):
             result.failures[cell.key] = str(outcome)
-            log(f"{where}: failed: {outcome}")
+            log(f"{where}: failed: {outcome}{left}")
             continue
         write_json(cell_path(out, cell.key), outcome)
         result.computed.append(cell.key)
-        log(f"{where}: {_brief(outcome)}")
+        log(f"{where}: {_brief(outcome)}{left}")
     result.records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _time_left(seconds: float, done: int, total: int) -> str:
+    """The estimated time the grid's remaining cells take, at the mean pace of the cells done
+    (which includes training their subjects; later cells often reuse those)."""
+    if done >= total:
+        return ""
+    rest = total - done
+    return (f"; estimated {format_duration(seconds / done * rest)} for the {rest} cells left "
+            f"(at {seconds / done:.0f} s/cell so far)")
 
 
 def _brief(record: dict) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from rnp.attacks import ATTACKS, build_attack
 from rnp.bench.subjects import train_run
@@ -21,7 +22,7 @@ from rnp.cli.tables import metrics_table, render
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.demo import DEMO_DATASET_PATH
 from rnp.data.sources import load_dataset
-from rnp.defenses import DEFENSES, RNP, threshold_sweep
+from rnp.defenses import DEFENSES, RNP, NeuralCleanse, threshold_sweep
 from rnp.defenses.base import MIN_CLEAN_IMAGES
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, load_state_dict
@@ -31,6 +32,7 @@ from rnp.io.runs import (METRICS_FILE, MODEL_FILE, RECORD_FILES, RUN_FILE, load_
                          record_files, run_inputs)
 from rnp.metrics import accuracy, der, evaluate_backdoor
 from rnp.models import build_model, model_spec
+from rnp.progress import logger as progress_logger
 from rnp.training import TrainConfig, predict
 from rnp.utils import model_device, resolve_device
 
@@ -43,16 +45,39 @@ def train(args) -> int:
     attack = _attack_from_args(args)
     config = TrainConfig(**config_overrides(args, TrainConfig))
     inputs = [Path(args.data), *(record_files(args.reference_run) if args.reference_run else ())]
-    check_output_path(args.out, inputs, folder=True)
+    out = check_output_path(args.out, inputs, folder=True)
     _check_holdout(args.holdout, args.data, args.cache_dir)
-    out = train_run(args.out, args.data, arch=args.model, width=args.width, attack=attack,
+    device = resolve_device(args.device)
+    if args.force:
+        _remove_run(out)
+    finished, started = (out / MODEL_FILE).exists(), (out / RUN_FILE).exists()
+    if started and not finished:
+        _log(f"resuming the interrupted training in {out}")
+    out = train_run(out, args.data, arch=args.model, width=args.width, attack=attack,
                     config=config, holdout=args.holdout, reference_run=args.reference_run,
-                    cache_dir=args.cache_dir, progress=not args.quiet, log=_log,
-                    device=resolve_device(args.device))
+                    cache_dir=args.cache_dir, progress=not args.quiet, log=_log, device=device)
+    if finished:  # train_run checked that it is this very run
+        _log(f"reused the finished run in {out}: it was trained with these settings "
+             "(give --force to train it again)")
     metrics = json.loads((out / METRICS_FILE).read_text())
     print(metrics_table({"model": metrics}))
     print(f"run folder: {out}")
     return 0
+
+
+def _remove_run(out: Path) -> None:
+    """``rnp train --force``: deletes the run in ``out`` (its record files and metrics), so that
+    it is trained anew. Refused, with nothing deleted, when ``out`` holds other files too:
+    training needs an empty folder, and the user's files are never deleted."""
+    if not (out / RUN_FILE).exists():
+        return
+    run_files = [out / name for name in (*RECORD_FILES, METRICS_FILE)]
+    others = sorted(path.name for path in out.iterdir() if path not in run_files)
+    if others:
+        raise RnpError(f"{out} holds more than a training run ({', '.join(others)}); --force "
+                       "replaces only a run folder, choose another --out")
+    for path in run_files:
+        path.unlink(missing_ok=True)
 
 
 def _check_holdout(holdout: int, data_spec, cache_dir) -> None:
@@ -161,6 +186,8 @@ def _defense_from_args(args):
     if cls is RNP:
         preset = None if args.preset == "default" else args.preset
         return RNP(preset=preset, progress=not args.quiet, **overrides)
+    if cls is NeuralCleanse:
+        return NeuralCleanse(budget=args.budget, progress=not args.quiet, **overrides)
     return cls(progress=not args.quiet, **overrides)
 
 
@@ -207,6 +234,29 @@ def _library_warnings():
         yield
     finally:
         logger.removeHandler(handler)
+
+
+class _EstimateLines(logging.Handler):
+    """Prints the time estimates of long work (:mod:`rnp.progress`) on stderr, above any
+    progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(record.getMessage(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def estimate_lines():
+    """Shows the library's time estimates for the duration of the block (they are INFO records,
+    which Python's logging drops unless asked to show them)."""
+    logger, handler = progress_logger, _EstimateLines(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def demo(args) -> int:

@@ -9,13 +9,16 @@ import argparse
 import dataclasses
 import sys
 
+import torch
+
 from rnp import __version__
 from rnp.attacks import ATTACKS
 from rnp.bench.executors import EXECUTORS
 from rnp.cli import bench, commands, inspection
 from rnp.cli.inspection import UNLEARN_FIELDS
-from rnp.cli.options import add_config_options, clean_size, count, finite_float
+from rnp.cli.options import add_config_options, clean_size, count, finite_float, threads
 from rnp.defenses import DEFENSES, RNPConfig
+from rnp.defenses.neural_cleanse import BUDGETS
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
 from rnp.detection.trigger_reverse import TriggerReverseConfig
@@ -54,7 +57,7 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
                       help="clean images for RNP: a count, or a fraction of the training split (default 500)")
     _add_force(demo, "OUT/rnp")
     _add_common(demo)
-    demo.set_defaults(handler=commands.demo)
+    demo.set_defaults(handler=commands.demo, resumable=True)
 
     train = sub.add_parser("train", help="train a (backdoored) model into a run folder")
     train.add_argument("--data", required=True, help="CIFAR-10 folder, image-folder tree or .zip")
@@ -69,10 +72,15 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
                        help="clean run folder on the same data, for attacks fitted on a clean model "
                             "(label_consistent, trojan with optimize=true, low_frequency with "
                             "optimize=true)")
-    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--out", required=True, help="run folder to write; an interrupted run "
+                                                    "there resumes, a finished one is reused")
+    train.add_argument("--force", action="store_true",
+                       help="retrain: delete the run in --out (its record files, model, metrics "
+                            "and checkpoint) and train it anew; a folder holding other files as "
+                            "well is refused")
     add_config_options(train, TrainConfig)
     _add_common(train)
-    train.set_defaults(handler=commands.train)
+    train.set_defaults(handler=commands.train, resumable=True)
 
     evaluate = sub.add_parser("evaluate", help="CA / ASR / RA of a run's model or of another model file")
     evaluate.add_argument("--run", required=True, help="run folder written by `rnp train`")
@@ -104,6 +112,11 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
         defend.add_argument("--oracle-sweep", action="store_true",
                             help="ORACLE ANALYSIS: also measure test CA/ASR at every mask threshold "
                                  "0.00..0.90 (uses test data; never used to choose)")
+    if method == "nc":
+        defend.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
+                            help="'cpu' (default): 120 search steps of 64 images per class; "
+                                 "'paper': the published 1000 steps of 1000 images, days on a "
+                                 "CPU; --steps / --samples-per-step override either")
     add_config_options(defend, DEFENSES[method].config_class)
     _add_common(defend)
     defend.set_defaults(handler=commands.defend)
@@ -144,12 +157,11 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     grid.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
                       help="local: this process; ray: one Ray task per cell (pip install 'rnp-backdoor[ray]')")
     grid.add_argument("--ray-address", help="a running Ray cluster's address (default: start a local one)")
-    grid.add_argument("--threads", type=int, help="torch threads per cell")
     grid.add_argument("--compare", action="store_true",
                       help="put published numbers (BackdoorBench, the official RNP log) beside ours")
     grid.add_argument("--report-only", action="store_true", help="write the report from finished cells, run nothing")
     _add_common(grid)
-    grid.set_defaults(handler=bench.bench)
+    grid.set_defaults(handler=bench.bench, resumable=True)
     return parser
 
 
@@ -194,7 +206,11 @@ def _add_attack_options(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="where decoded datasets are cached "
                                             "(default: $RNP_CACHE_DIR or ~/.cache/rnp)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (the time estimates of long work are still printed)")
+    parser.add_argument("--threads", type=threads,
+                        help="CPU threads torch computes with (default: torch's choice, usually "
+                             "one per core); `rnp bench`: per cell")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else MPS, else the CPU), cpu, cuda, "
                              "cuda:N or mps (default: auto)")
@@ -210,16 +226,23 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     if unknown:
         return _fail(_unrecognized(args, unknown))
+    previous_threads = torch.get_num_threads()
     try:
-        return args.handler(args) or 0
+        if args.threads is not None:  # before any work, so every stage computes with them
+            torch.set_num_threads(args.threads)
+        with commands.estimate_lines():
+            return args.handler(args) or 0
     except RnpError as error:
         return _fail(str(error))
     except OSError as error:  # a path the user gave cannot be read or written
         where = f"{error.filename}: " if error.filename else ""
         return _fail(f"{where}{error.strerror or error}")
     except KeyboardInterrupt:
-        print("rnp: interrupted", file=sys.stderr)
+        resume = ": rerun the same command to resume" if getattr(args, "resumable", False) else ""
+        print(f"rnp: interrupted{resume}", file=sys.stderr)
         return 130
+    finally:  # a caller running several commands in one process keeps its own setting
+        torch.set_num_threads(previous_threads)
 
 
 def _chosen_method(argv: list[str]) -> str:

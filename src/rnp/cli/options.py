@@ -92,6 +92,17 @@ def count(text: str) -> int:
     return value
 
 
+def threads(text: str) -> int:
+    """``--threads``: a whole number of threads, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of threads (1 or more), got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """A number that is not NaN or infinite (thresholds, rates): argparse's ``float`` takes
     "nan", which compares false with everything and so would silently disable a threshold."""

@@ -282,7 +282,7 @@ class ANP(RemovalDefense):
                                "perturbed_loss": perturbed_loss[-1] if perturbed_loss else None})
             return len(trajectory) >= cfg.iterations
 
-        with progress_bar(cfg.iterations, "anp", self.progress) as bar:
+        with progress_bar(cfg.iterations, "anp", self.progress, detail=f"{cfg.iterations} iterations") as bar:
             while len(trajectory) < cfg.iterations:
                 run_epoch(model, clean, optimizer, batch_size=cfg.batch_size, generator=batches,
                           augment=cfg.augment, loss_scale=cfg.alpha,

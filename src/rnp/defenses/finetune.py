@@ -111,7 +111,8 @@ def fine_tune(model: nn.Module, clean: ImageSet, *, epochs: int, lr: float, mome
                                 nesterov=nesterov)
     generator = generator_for(seed, purpose)
     history = []
-    with progress_bar(epochs * math.ceil(len(clean) / batch_size), purpose, progress) as bar:
+    steps = math.ceil(len(clean) / batch_size)
+    with progress_bar(epochs * steps, purpose, progress, detail=f"{epochs} epochs x {steps} steps") as bar:
         for epoch in range(epochs):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(lr, milestones, gamma, epoch)

@@ -190,7 +190,8 @@ class IBAU(RemovalDefense):
         timer = StageTimer()
         rounds, perturbations = [], []
         with progress_bar(cfg.rounds * steps * (cfg.perturbation_epochs + 1), "i-bau",
-                          self.progress) as bar:
+                          self.progress, detail=f"{cfg.rounds} rounds x "
+                                                f"{cfg.perturbation_epochs + 1} epochs x {steps} steps") as bar:
             for index in range(cfg.rounds):
                 with timer.stage("perturb"):
                     delta = self.universal_perturbation(working, clean, device, batches, bar)

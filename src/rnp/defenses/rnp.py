@@ -229,7 +229,8 @@ class RNP(RemovalDefense):
             return cfg.stop_check == "step" and info.accuracy <= cfg.clean_threshold
 
         steps = math.ceil(len(clean) / cfg.batch_size)
-        with progress_bar(cfg.unlearn_epochs * steps, "unlearn", self.progress) as bar:
+        with progress_bar(cfg.unlearn_epochs * steps, "unlearn", self.progress, bounded=True,
+                          detail=f"{cfg.unlearn_epochs} epochs x {steps} steps") as bar:
             for epoch in range(cfg.unlearn_epochs):
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.unlearn_lr_at(epoch)
@@ -240,6 +241,8 @@ class RNP(RemovalDefense):
                 if stats.stopped or (cfg.stop_check == "epoch"
                                      and stats.accuracy <= cfg.clean_threshold):
                     reached = True
+                    bar.stop_early(f"clean accuracy <= {cfg.clean_threshold} at epoch {epoch + 1}, "
+                                   f"step {len(trajectory)}")
                     break
         check_finite_weights(model, "unlearning diverged (lower unlearn_lr): the unlearned model")
         summary = {"reached_threshold": reached, "epochs": len(epochs), "steps": len(trajectory),
@@ -272,7 +275,8 @@ class RNP(RemovalDefense):
             return False
 
         steps = math.ceil(len(clean) / cfg.batch_size)
-        with progress_bar(cfg.recover_epochs * steps, "recover", self.progress) as bar:
+        with progress_bar(cfg.recover_epochs * steps, "recover", self.progress,
+                          detail=f"{cfg.recover_epochs} epochs x {steps} steps") as bar:
             for _ in range(cfg.recover_epochs):
                 run_epoch(model, clean, optimizer, batch_size=cfg.batch_size, generator=generator,
                           augment=cfg.augment, loss_scale=cfg.alpha, after_step=after_step,

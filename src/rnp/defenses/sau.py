@@ -161,7 +161,8 @@ class SAU(RemovalDefense):
         generator = generator_for(cfg.seed, "sau-batches")
         steps = math.ceil(len(clean) / cfg.batch_size)
         epochs = []
-        with progress_bar(cfg.epochs * steps, "sau", self.progress) as bar:
+        with progress_bar(cfg.epochs * steps, "sau", self.progress,
+                          detail=f"{cfg.epochs} epochs x {steps} steps") as bar:
             for epoch in range(cfg.epochs):
                 start, totals = time.perf_counter(), {}
                 for images, labels in iterate_batches(clean, cfg.batch_size, shuffle=True,
@@ -169,8 +170,7 @@ class SAU(RemovalDefense):
                                                       device=device):
                     for key, value in self.step(model, reference, optimizer, images, labels).items():
                         totals[key] = totals.get(key, 0.0) + value * len(labels)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                 epochs.append({"epoch": epoch + 1, **{k: v / len(clean) for k, v in totals.items()},
                                "seconds": time.perf_counter() - start})
         model.eval()

@@ -418,7 +418,7 @@ class Strip:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), progress_bar(len(data), "STRIP", progress) as bar:
+            with torch.inference_mode(), progress_bar(len(data), "STRIP", progress, unit="image") as bar:
                 for start in range(0, len(data), chunk):
                     stop = min(start + chunk, len(data))
                     entropies.append(self._mean_entropy(model, data.images[start:stop].to(device),

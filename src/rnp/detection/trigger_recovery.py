@@ -222,7 +222,9 @@ def recover_on_both(exposure: Exposure, target: int, config: TriggerReverseConfi
     models = {"unlearned": exposure.unlearned, "original": exposure.original}
     triggers, seconds = {}, {}
     total = len(MODELS) * config.steps * config.batches_per_step
-    with progress_bar(total, "trigger recovery", progress) as bar:
+    with progress_bar(total, "trigger recovery", progress, unit="batch", bounded=config.early_stop,
+                      detail=f"{len(MODELS)} models x {config.steps} steps x {config.batches_per_step} "
+                             "batches") as bar:
         for name in MODELS:
             generator = generator_for(seed, f"trigger-recovery-{target}")
             start = time.perf_counter()
@@ -230,6 +232,7 @@ def recover_on_both(exposure: Exposure, target: int, config: TriggerReverseConfi
                                                       generator=generator, device=device,
                                                       progress=bar)
             seconds[name] = time.perf_counter() - start
+            bar.skip((config.steps - triggers[name].steps) * config.batches_per_step)  # stopped early
     return TriggerComparison(target, config, seed, triggers, seconds, exposure.original)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, save_checkpoint
+from rnp.progress import Progress
 from rnp.training.hooks import TrainingHook
 from rnp.training.loop import EpochStats, run_epoch
 from rnp.utils import check_config, config_record, generator_for, progress_bar, resolve_device
@@ -106,7 +107,8 @@ def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *
     ``device`` is a device or a name for :func:`rnp.utils.resolve_device` ("auto", "cuda", ...);
     ``config.amp`` decides whether the epochs run in mixed precision there, with one gradient
     scaler for the whole run, checkpointed with the rest.
-    ``on_epoch(epoch, stats)`` is called after each epoch, e.g. for logging. ``hook`` is an
+    ``on_epoch(epoch, stats)`` is called after each epoch, e.g. for logging. A few steps in, the
+    time the remaining epochs will take is logged (see :mod:`rnp.progress`). ``hook`` is an
     attack's :class:`TrainingHook`; its state is checkpointed with the model's.
     """
     config = config or TrainConfig()
@@ -126,16 +128,23 @@ def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *
     if checkpoint is not None and Path(checkpoint).exists():
         history = _resume(checkpoint, model, optimizer, generator, scaler, config, hook)
     steps = math.ceil(len(data) / config.batch_size)
+    remaining = config.epochs - len(history)
+    clock = Progress(remaining * steps, "training", detail=f"{remaining} epochs x {steps} steps")
+
+    def count_step(_) -> bool:
+        clock.update()
+        return False  # never stops the epoch
+
     for epoch in range(len(history), config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
         if hook is not None:
             hook.start_epoch(epoch, config.epochs)
         with progress_bar(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}",
-                          enabled=progress) as bar:
+                          enabled=progress, timed=False) as bar:
             stats = run_epoch(model, data, optimizer, batch_size=config.batch_size,
                               generator=generator, augment=config.augment, hook=hook,
-                              progress=bar, device=device, scaler=scaler)
+                              after_step=count_step, progress=bar, device=device, scaler=scaler)
         history.append(stats)
         if checkpoint is not None:
             _save(checkpoint, model, optimizer, generator, scaler, config, history, hook)
