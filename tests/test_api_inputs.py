@@ -20,9 +20,9 @@ from torch import nn
 
 from helpers import fixture_seed, separable_image_set, tiny_image_set, write_dataset
 from rnp import RNP
-from rnp.attacks.base import TriggeredSet
 from rnp.cli.main import main
 from rnp.data import as_image_set
+from rnp.data.poisoned import TriggeredSet
 from rnp.defenses import CLP, DEFENSES, FT, RemovalDefense
 from rnp.defenses.base import DefenseResult
 from rnp.errors import RnpError

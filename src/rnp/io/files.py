@@ -4,6 +4,7 @@ one), strict JSON, and output locations checked before any work is done."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,15 @@ def _finite(value, where: str, replaced: dict):
     if isinstance(value, (list, tuple)):
         return [_finite(item, f"{where}/{index}", replaced) for index, item in enumerate(value)]
     return value
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes in hex, read in 1 MiB blocks (model files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path) -> dict:
