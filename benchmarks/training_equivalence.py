@@ -7,7 +7,7 @@ subjects with both revisions, through the stable ``rnp train`` command, in separ
 every attack of the suite plus a clean model, width 4, one epoch on 500 images of the packaged
 demo data, in float32 and in bfloat16 with channels-last. It compares the trained tensors and
 the poisoned indices bit for bit. When all match, it prints the line that declares the two
-fingerprints equivalent in :data:`rnp.bench.fingerprint.EQUIVALENT_TRAINING_CODE`, so the cache
+fingerprints equivalent in :data:`rnp.runs.fingerprint.EQUIVALENT_TRAINING_CODE`, so the cache
 reuses the older subjects; when any differs it says which, and the subjects must be retrained.
 
     python benchmarks/training_equivalence.py --against d6c0cd7
@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = ("none", "badnets", "blend", "trojan", "sig", "wanet", "input_aware", "lira",
            "low_frequency", "bpp", "adaptive_blend", "label_consistent")
 MODES = {"fp32": ["--amp", "off"], "bf16-cl": ["--amp", "on", "--channels-last"]}
+FINGERPRINT = ("try:\n from rnp.runs.fingerprint import training_fingerprint\n"
+               "except ImportError:\n from rnp.bench.fingerprint import training_fingerprint\n"
+               "print(training_fingerprint())")
+"""Prints a checkout's training fingerprint (its module moved from rnp.bench to rnp.runs)."""
 PER_CLASS = (50, 10)
 """Canary training and test images per class, taken from the packaged demo data."""
 
@@ -78,8 +82,8 @@ def canary_data(path: Path) -> Path:
 def train_canaries(src: Path, data: Path, out: Path) -> dict:
     """Trains every canary with the code under ``src``; their tensor and poisoned-index hashes."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    code = subprocess.run([sys.executable, "-c", "from rnp.bench.fingerprint import training_fingerprint as f; print(f())"],
-                          env=env, check=True, capture_output=True, text=True).stdout.strip()
+    code = subprocess.run([sys.executable, "-c", FINGERPRINT], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
     hashes = {}
     for mode, flags in MODES.items():
         for attack in ATTACKS:

@@ -18,9 +18,9 @@ from PIL import Image
 from torch import nn
 
 from rnp.attacks import BadNets
-from rnp.attacks.base import PoisonedSet, TriggeredSet
 from rnp.data import select_clean_subset
 from rnp.data.images import ImageSet
+from rnp.data.poisoned import PoisonedSet, TriggeredSet
 from rnp.models import build_model
 from rnp.training import TrainConfig, train
 

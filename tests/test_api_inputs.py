@@ -20,9 +20,9 @@ from torch import nn
 
 from helpers import fixture_seed, separable_image_set, tiny_image_set, write_dataset
 from rnp import RNP
-from rnp.attacks.base import TriggeredSet
 from rnp.cli.main import main
 from rnp.data import as_image_set
+from rnp.data.poisoned import TriggeredSet
 from rnp.defenses import CLP, DEFENSES, FT, RemovalDefense
 from rnp.defenses.base import DefenseResult
 from rnp.errors import RnpError
@@ -328,7 +328,8 @@ def test_rgb_model_refuses_grayscale_images_instead_of_broadcasting():
 
 def test_cli_trains_and_defends_on_grayscale_images(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RNP_CACHE_DIR", str(tmp_path / "cache"))
-    data, run, out = write_dataset(tmp_path / "gray", classes=3, n_train=30, n_test=15, channels=1), tmp_path / "run", tmp_path / "rnp"
+    data = write_dataset(tmp_path / "gray", classes=3, n_train=30, n_test=15, channels=1)
+    run, out = tmp_path / "run", tmp_path / "rnp"
     assert main(["train", "--data", str(data), "--model", "preact_resnet18", "--width", "4",
                  "--epochs", "1", "--batch-size", "16", "--attack", "badnets", "--target", "0",
                  "--out", str(run), "--quiet"]) == 0

@@ -13,10 +13,11 @@ from PIL import Image
 
 from helpers import separable_image_set, tiny_cnn
 from rnp.attacks import ATTACKS, Attack, BadNets, PoisonedSet, attack_from_spec
-from rnp.bench.subjects import cached_subject, train_run
+from rnp.bench.subjects import cached_subject
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint
-from rnp.io.runs import load_run
+from rnp.runs.folder import load_run
+from rnp.runs.training import train_run
 from rnp.training import TrainConfig, run_epoch, train
 from rnp.training.hooks import TrainingHook
 

@@ -23,8 +23,8 @@ from rnp.bench.grid import load_grid, parse_grid
 from rnp.bench.runner import grid_cells, run_grid
 from rnp.cli.main import main
 from rnp.errors import RnpError
-from rnp.io.runs import load_run
 from rnp.metrics import evaluate_backdoor
+from rnp.runs.folder import load_run
 
 from helpers import write_dataset
 from test_cli import _environment  # noqa: F401 (autouse fixture: private cache, one thread)
@@ -163,7 +163,7 @@ def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_
     out, cache, _, grid_path = finished
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     trained = []
-    monkeypatch.setattr("rnp.bench.subjects.train", lambda *a, **k: trained.append(1) or [])
+    monkeypatch.setattr("rnp.runs.training.train", lambda *a, **k: trained.append(1) or [])
     grid = parse_grid(grid_dict(data))
     again = run_grid(grid, out, cache=cache, log=lambda line: None)
     assert again.computed == [] and len(again.records) == 3 and not trained

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 import rnp
-from rnp.bench import fingerprint, grid as grid_module, subjects
+from rnp.bench import grid as grid_module, subjects
 from rnp.bench.grid import parse_grid
 from rnp.bench.report import code_note
 from rnp.bench.runner import run_grid
 from rnp.bench.suite import suite_attack
 from rnp.data.sources import load_dataset
-from rnp.io.runs import config_dict
+from rnp.runs import fingerprint, training as run_training
+from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig
 
 from helpers import write_dataset
@@ -72,7 +73,7 @@ def test_a_code_change_recomputes_cells_but_keeps_subjects(data, tmp_path, monke
     assert record["cell"]["code"] == fingerprint.package_fingerprint()
     assert record["subject_code"] == {"training_code": fingerprint.training_fingerprint(), "adopted": False}
     monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "0ther0code000")
-    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("a subject was retrained"))
+    monkeypatch.setattr(run_training, "train", lambda *a, **k: pytest.fail("a subject was retrained"))
     second = run(small_grid(data), tmp_path)
     assert len(second.computed) == 1 and second.records[0]["key"] != record["key"]  # not the stale record
     assert second.records[0]["subject_run"] == record["subject_run"]
@@ -82,6 +83,7 @@ def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatc
     first = run(small_grid(data), tmp_path)
     old = fingerprint.training_fingerprint()
     monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(run_training, "training_fingerprint", lambda: "newtraining0")
     monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
     lines = []
     second = run(small_grid(data), tmp_path, lines)
@@ -131,7 +133,7 @@ def test_a_pre_fingerprint_subject_is_adopted_once_and_said_so(data, tmp_path, m
     del info["training_code"]  # as a pre-fingerprint run.json
     (legacy / "run.json").write_text(json.dumps(info))
     shutil.rmtree(tmp_path / "out")
-    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("the legacy subject was retrained"))
+    monkeypatch.setattr(run_training, "train", lambda *a, **k: pytest.fail("the legacy subject was retrained"))
     lines = []
     adopted = run(grid, tmp_path, lines)
     record = adopted.records[0]
@@ -141,6 +143,7 @@ def test_a_pre_fingerprint_subject_is_adopted_once_and_said_so(data, tmp_path, m
 
     monkeypatch.undo()
     monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(run_training, "training_fingerprint", lambda: "newtraining0")
     monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
     lines = []
     retrained = run(grid, tmp_path, lines)
@@ -151,7 +154,7 @@ def test_a_pre_fingerprint_subject_is_adopted_once_and_said_so(data, tmp_path, m
 def test_moving_the_data_keeps_the_subject(data, tmp_path, monkeypatch):
     first = run(small_grid(data), tmp_path)
     moved = data.rename(tmp_path / "elsewhere")
-    monkeypatch.setattr(subjects, "train", lambda *a, **k: pytest.fail("the subject was retrained"))
+    monkeypatch.setattr(run_training, "train", lambda *a, **k: pytest.fail("the subject was retrained"))
     again = run(small_grid(moved, defenses={"none": {}, "ft": FT_FAST}), tmp_path)
     assert not again.failures and len(again.computed) == 1  # the ft cell, on the same subject
     assert {r["subject_run"] for r in again.records} == {first.records[0]["subject_run"]}

@@ -28,8 +28,8 @@ from rnp.cli.main import build_parser, main
 from rnp.cli.options import config_overrides
 from rnp.defenses import DEFENSES, RNPConfig, batchnorm_layers
 from rnp.io.checkpoint import load_checkpoint
-from rnp.io.runs import load_run
 from rnp.models import build_model
+from rnp.runs.folder import load_run
 from rnp.training import TrainConfig
 
 from helpers import write_dataset

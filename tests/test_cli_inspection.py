@@ -123,7 +123,7 @@ def test_scan_data_calibrates_on_clean_images_the_unlearning_never_saw(capsys, r
                               "--detectors", "unlearned", "loss")
     report = json.loads((out / "report.json").read_text())
     assert code == 0 and report["clean_set"] == {"size": 20, "seed": 0, "unlearning": 16, "calibration": 4}
-    (unlearned,), (scanned, held_out) = unlearned_on, loss_scored
+    (unlearned,), (_, held_out) = unlearned_on, loss_scored
     assert len(unlearned) == 16 and len(held_out) == 4
     assert not (held_out[:, None] == unlearned[None]).flatten(2).all(2).any()  # disjoint images
     with (out / "scores.csv").open(newline="") as handle:

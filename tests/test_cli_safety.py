@@ -20,7 +20,7 @@ import pytest
 
 from rnp.errors import RnpError
 from rnp.io.files import write_json, write_text
-from rnp.io.runs import load_run
+from rnp.runs.folder import load_run
 
 from test_cli import TINY, _environment, assert_one_line_error, data3, run_cli, snapshot  # noqa: F401
 

@@ -173,8 +173,8 @@ def test_random_crop_flip_output_is_a_window_of_the_padded_image():
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     shifted = False
     for o, p in zip(out, padded):
-        windows = [p[:, t:t + size, l:l + size] for t in range(2 * padding + 1)
-                   for l in range(2 * padding + 1)]
+        windows = [p[:, t:t + size, left:left + size] for t in range(2 * padding + 1)
+                   for left in range(2 * padding + 1)]
         assert any(torch.equal(o, w) or torch.equal(o, w.flip(-1)) for w in windows)
         shifted |= bool((o == 0).any())
     assert shifted  # some crop really moved the image and brought in zero padding

@@ -24,7 +24,7 @@ from helpers import separable_image_set, tiny_cnn
 from rnp.cli.main import build_parser, main
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint
-from rnp.io.runs import config_dict
+from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig, run_epoch, train
 from rnp.training.hooks import TrainingHook
 from rnp.utils import amp_dtype, resolve_device

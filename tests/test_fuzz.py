@@ -42,12 +42,12 @@ from torch import nn
 from rnp.cli.main import main
 from rnp.data import as_image_set, load_dataset
 from rnp.defenses import DEFENSES
-from rnp.detection.trigger_reverse import TriggerReverseConfig
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint, save_checkpoint
-from rnp.io.runs import load_run
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
+from rnp.runs.folder import load_run
 from rnp.training import TrainConfig
 
 from helpers import fixture_seed, tiny_image_set, write_dataset
@@ -217,7 +217,7 @@ def other_method_cases(rng: random.Random, count: int = 10) -> list[Case]:
     pairs = []
     for method, cls in sorted(DEFENSES.items()):
         own = {f.name for f in dataclasses.fields(cls.config_class)}
-        for other, other_cls in sorted(DEFENSES.items()):
+        for _, other_cls in sorted(DEFENSES.items()):
             pairs += [(method, field.name) for field in dataclasses.fields(other_cls.config_class)
                       if field.name not in own and (method, field.name) not in pairs]
     cases = []

@@ -8,7 +8,7 @@ from torch import nn
 
 from rnp.attacks import BadNets
 from rnp.data.images import ImageSet
-from rnp.metrics import BackdoorMetrics, accuracy, der, evaluate_backdoor
+from rnp.metrics import BackdoorMetrics, accuracy, anomaly_indices, der, evaluate_backdoor, share_above
 
 LABELS = [0, 1, 2] * 4
 # The class each image's pixels encode: the true label except image 2 (reads as 0) and 4 (as 2).
@@ -81,3 +81,15 @@ def metrics(ca: float, asr: float) -> BackdoorMetrics:
 ])
 def test_der(before, after, expected):
     assert der(before, after) == pytest.approx(expected)
+
+
+def test_share_above_counts_only_scores_strictly_above():
+    assert share_above([0.1, 0.5, 0.5, 0.9], 0.5) == 0.25
+    assert share_above(torch.tensor([1.0, 2.0], dtype=torch.float32), 0.0) == 1.0
+
+
+def test_anomaly_indices_floor_the_spread():
+    shares = [0.1] * 9 + [0.2]  # MAD 0: without a floor the outlier's index is infinite
+    assert anomaly_indices(shares)[-1] == float("inf")
+    assert anomaly_indices(shares, min_spread=0.05)[-1].item() == pytest.approx(2.0)
+

@@ -114,7 +114,8 @@ def test_positives_mask():
 
 # Spectral Signatures ranked the poisoned samples at AUROC 0.56 on one fixture seed: here half of
 # label 0 is poisoned, where its top singular direction need not single them out; the next test
-# asserts the paper's setting, poison a minority of its label. STRIP with the release's blend (both images at full weight, then clipped) ranked the poisoned
+# asserts the paper's setting, poison a minority of its label. STRIP with the release's blend
+# (both images at full weight, then clipped) ranked the poisoned
 # samples anywhere from AUROC 0.06 to 1.00 over fixture seeds 0-4 on these smooth images, so
 # only the half-and-half blend (0.85-0.99) is asserted here; CIFAR-10 numbers are in the
 # exposure benchmark.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rnp.attacks import BadNets
-from rnp.attacks.base import PoisonedSet
 from rnp.bench.retuning import RetuningConfig, retune, retuning_set
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 
 from helpers import smooth_images

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from rnp.attacks import BadNets, Blend
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.exposure import Exposure, expose
 from rnp.detection.trigger_recovery import (MODELS, TriggerComparison, is_patch_trigger,
                                             mask_iou, mask_mass_on_trigger, recover_on_both,
                                             trigger_success, trigger_tiles, true_trigger_mask)
-from rnp.detection.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.io.figures import image_grid
 from rnp.training.evaluate import predict

@@ -37,9 +37,10 @@ from typing import ClassVar
 
 import torch
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int, seeded_draw
+from rnp.attacks.base import Attack, require_float, require_int, seeded_draw
 from rnp.attacks.blend import Blend
 from rnp.data.images import ImageSet, to_uint8
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 from rnp.utils import generator_for
 

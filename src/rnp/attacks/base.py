@@ -20,51 +20,19 @@ Attacks come in three kinds, and the trainer handles all of them the same way:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from rnp.data.images import ImageSet, to_uint8
+from rnp.data.poisoned import PoisonedSet, TriggeredSet
 from rnp.errors import RnpError
 from rnp.training.hooks import TrainingHook
 from rnp.utils import generator_for
 
 MODES = ("all2one", "all2all")
-
-
-def _no_indices() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long)
-
-
-@dataclass(frozen=True, eq=False)
-class PoisonedSet:
-    """A poisoned training set and the indices of the images the attack changed.
-
-    ``poisoned_indices`` are the images that carry the backdoor trigger (relabelled, or for a
-    clean-label attack kept in the target class). ``cover_indices`` are images the attack also
-    changed but left with their true label, to make the backdoor harder to find or more
-    specific (WaNet's noise mode, Adaptive-Blend's conservatism samples, BppAttack's
-    negatives); they are not poisoned samples for detection purposes.
-    """
-
-    data: ImageSet
-    poisoned_indices: torch.Tensor
-    cover_indices: torch.Tensor = field(default_factory=_no_indices)
-
-
-@dataclass(frozen=True, eq=False)
-class TriggeredSet:
-    """Triggered test images with their true labels (``data.labels``) and the attacker's labels.
-
-    ``source_indices`` point into the clean test set, so clean accuracy can be measured on the
-    very same (non-target) images.
-    """
-
-    data: ImageSet
-    target_labels: torch.Tensor
-    source_indices: torch.Tensor
 
 
 @dataclass(eq=False)

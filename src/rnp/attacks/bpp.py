@@ -43,6 +43,7 @@ from torch import nn
 
 from rnp.attacks.base import Attack, require_float, require_int
 from rnp.errors import RnpError
+from rnp.models.probes import eval_mode
 from rnp.training.hooks import TrainingHook
 from rnp.utils import generator_for
 
@@ -142,18 +143,13 @@ def pgd_towards(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, e
     start = torch.rand(images.shape, generator=generator).to(images) * 2 - 1
     adversarial = (images + eps * start).clamp(0, 1)
     step_size = 2.5 * eps / steps
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                adversarial.requires_grad_(True)
-                loss = F.cross_entropy(model(adversarial), targets)
-                (grad,) = torch.autograd.grad(loss, adversarial)
-                moved = adversarial.detach() - step_size * grad.sign()
-                adversarial = torch.min(torch.max(moved, images - eps), images + eps).clamp(0, 1)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            adversarial.requires_grad_(True)
+            loss = F.cross_entropy(model(adversarial), targets)
+            (grad,) = torch.autograd.grad(loss, adversarial)
+            moved = adversarial.detach() - step_size * grad.sign()
+            adversarial = torch.min(torch.max(moved, images - eps), images + eps).clamp(0, 1)
     return adversarial.detach()
 
 

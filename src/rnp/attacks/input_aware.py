@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int
+from rnp.attacks.base import Attack, require_float, require_int
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 from rnp.training.hooks import TrainingHook
 from rnp.utils import derive_seed, generator_for

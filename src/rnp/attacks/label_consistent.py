@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int
+from rnp.attacks.base import Attack, require_float, require_int
 from rnp.attacks.trojan import frozen_reference
 from rnp.data.images import ImageSet, to_uint8
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 from rnp.utils import generator_for
 

@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int
+from rnp.attacks.base import Attack, require_float, require_int
 from rnp.data.images import ImageSet
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 from rnp.training.hooks import TrainingHook
 from rnp.utils import generator_for

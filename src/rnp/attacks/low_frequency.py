@@ -46,6 +46,7 @@ from torch import nn
 from rnp.attacks.base import Attack, require_float, require_int
 from rnp.data.images import ImageSet
 from rnp.errors import RnpError
+from rnp.models.probes import eval_mode
 from rnp.utils import generator_for
 
 CRAFT_BATCH = 128
@@ -186,14 +187,10 @@ class LowFrequency(Attack):
     def _craft(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters(), torch.empty(0)).device
         pattern = self.seeded_pattern(images.shape).double().to(device)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for _ in range(self.craft_steps):
                 step = self.craft_step_size * self._loss_gradient(model, images, labels, pattern).sign()
                 pattern = fit_to_ball(low_pass(pattern - step, self.cutoff), self.epsilon)
-        finally:
-            model.train(was_training)
         return pattern.float().cpu()
 
     def _loss_gradient(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

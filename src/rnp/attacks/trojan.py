@@ -40,6 +40,7 @@ from torch import nn
 from rnp.attacks.base import Attack, require_float, require_int
 from rnp.data.images import ImageSet
 from rnp.errors import RnpError
+from rnp.models.probes import capture_activations
 from rnp.utils import generator_for
 
 AREA = 0.07
@@ -71,14 +72,11 @@ def captured_inputs(layer: nn.Linear):
     forward pass (averaged over any extra leading axes); the hook is removed on exit."""
     store: dict[str, torch.Tensor] = {}
 
-    def hook(module, inputs):
-        store["features"] = inputs[0].reshape(inputs[0].shape[0], -1, inputs[0].shape[-1]).mean(1)
+    def record(name: str, inputs: torch.Tensor) -> None:
+        store[name] = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).mean(1)
 
-    handle = layer.register_forward_pre_hook(hook)
-    try:
+    with capture_activations({"features": layer}, record, inputs=True):
         yield store
-    finally:
-        handle.remove()
 
 
 @dataclass(eq=False)

@@ -29,8 +29,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from rnp.attacks.base import Attack, PoisonedSet, require_float, require_int, seeded_draw
+from rnp.attacks.base import Attack, require_float, require_int, seeded_draw
 from rnp.data.images import ImageSet, to_uint8
+from rnp.data.poisoned import PoisonedSet
 from rnp.errors import RnpError
 from rnp.utils import generator_for
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import logging
 import platform
 import statistics
 import time
@@ -31,15 +32,17 @@ from rnp.defenses.masks import channels_pruned
 from rnp.defenses.rnp import threshold_sweep
 from rnp.errors import RnpError
 from rnp.io.files import read_json
-from rnp.io.runs import METRICS_FILE, MODEL_FILE, load_model, load_run, read_run_info
 from rnp.metrics import BackdoorMetrics, der, evaluate_backdoor
 from rnp.metrics.backdoor import accuracy
+from rnp.runs.folder import METRICS_FILE, MODEL_FILE, load_model, load_run, read_run_info
 from rnp.training.evaluate import predict
 from rnp.utils import generator_for
 
+logger = logging.getLogger(__name__)
+
 
 def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = None, device="cpu",
-                    progress: bool = False, log=print) -> str:
+                    progress: bool = False, log=logger.info) -> str:
     """The subject's run folder in ``cache``, trained first if it is not there yet (the log
     lines, why it trains included, name the subject)."""
     name = f"{subject.dataset} {subject.arch}-w{subject.width} {subject.label} seed {subject.seed}"

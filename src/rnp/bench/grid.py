@@ -7,7 +7,7 @@ the attacks, the defenses and the re-tuning) and :meth:`Grid.cells` expands it i
 ``"false"`` is refused, never read as true. A cell's ``key`` hashes everything that shapes its
 result (the subject's data checksum, model, attack and training config, the seed, the defense
 with every setting filled in, the clean-set size, the optional measurements, and the
-fingerprint of the package's source code, :func:`rnp.bench.fingerprint.package_fingerprint`),
+fingerprint of the package's source code, :func:`rnp.runs.fingerprint.package_fingerprint`),
 so a finished cell is recognised on a later run and a changed setting or a code change makes a
 new cell. Cells share a :class:`Subject` (the backdoored model) when they differ only in the
 defense; subjects are cached by :func:`rnp.bench.subjects.cached_subject`.
@@ -46,14 +46,14 @@ from pathlib import Path
 
 from rnp import __version__
 from rnp.attacks import ATTACKS
-from rnp.bench.fingerprint import package_fingerprint
 from rnp.bench.measurements import ExposureConfig
 from rnp.bench.retuning import RetuningConfig
 from rnp.bench.suite import suite_attack
 from rnp.defenses import DEFENSES
 from rnp.errors import RnpError
-from rnp.io.runs import config_dict
 from rnp.models import MODEL_NAMES
+from rnp.runs.fingerprint import package_fingerprint
+from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig
 
 NO_DEFENSE = "none"

@@ -11,8 +11,6 @@ subjects' training fingerprints) and warns when they mix.
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +20,7 @@ from rnp.bench.published import SOURCES
 from rnp.bench.sections import study_sections
 from rnp.io.plots import Bars, Figure, Histograms, Lines, write_figure
 from rnp.io.files import write_text
+from rnp.io.tables import csv_text, render_table
 
 METRICS = (("CA", "clean_accuracy"), ("ASR", "attack_success_rate"), ("RA", "robust_accuracy"))
 
@@ -70,9 +69,7 @@ def results_csv(records: list[dict]) -> str:
                "ca_before", "asr_before", "ra_before", "ca", "asr", "ra", "der", "seconds",
                "seconds_over_rnp", "peak_memory_mb", "memory_kind", "pruned",
                "floor_seconds", "rnp_over_floor", *[f"retuned_asr_{e}" for e in epochs]]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
+    rows = []
     for r in records:
         row = {"key": r["key"], **r["label"], "status": r["status"]}
         for short, name in METRICS:
@@ -87,8 +84,8 @@ def results_csv(records: list[dict]) -> str:
             row.update(floor_seconds=cost.get("floor_seconds"), rnp_over_floor=cost.get("floor_ratio"))
             for epoch, value in r.get("retuning", {}).get("asr", {}).items():
                 row[f"retuned_asr_{epoch}"] = value
-        writer.writerow(row)
-    return buffer.getvalue()
+        rows.append([row.get(column) for column in columns])
+    return csv_text(columns, rows)
 
 
 def _pct(value) -> str:
@@ -98,24 +95,22 @@ def _pct(value) -> str:
 def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
     """The cell table, the means per defense, RNP's cost, and (``compare``) published numbers."""
     epochs = _retuning_epochs(records)
-    retuned = "".join(f" ASR after {e} ep. |" for e in epochs)
-    lines = [f"# {title}", "", f"{len(records)} cells. CA / ASR / RA / DER in %, before -> after; "
-             "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
-             code_note(records), "",
-             "| dataset | model | attack | seed | defense | CA | ASR | RA | DER | seconds | peak MB |" + retuned,
-             "|---" * (11 + len(epochs)) + "|"]
+    rows = [["dataset", "model", "attack", "seed", "defense", "CA", "ASR", "RA", "DER", "seconds", "peak MB",
+             *[f"ASR after {e} ep." for e in epochs]]]
     for r in records:
         label, before = r["label"], r["before"]
-        head = f"| {label['dataset']} | {label['model']} | {label['attack']} | {_seed(label)} | {label['defense']} |"
+        head = [label["dataset"], label["model"], label["attack"], _seed(label), label["defense"]]
         if r["status"] != "ok":
-            lines.append(head + f" n/a: {r['error']} |" + " |" * (5 + len(epochs)))
+            rows.append([*head, f"n/a: {r['error']}", *[""] * (5 + len(epochs))])
             continue
         after = r["after"]
-        metrics = " | ".join(f"{_pct(before[n])} -> {_pct(after[n])}" for _, n in METRICS)
+        metrics = [f"{_pct(before[n])} -> {_pct(after[n])}" for _, n in METRICS]
         asr = r.get("retuning", {}).get("asr", {})
-        tail = "".join(f" {_pct(asr.get(e))} |" for e in epochs)
-        lines.append(f"{head} {metrics} | {_pct(r['der'])} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} |{tail}")
-    lines += ["", means_table(records, epochs)]
+        rows.append([*head, *metrics, _pct(r["der"]), f"{r['seconds']:.1f}", f"{r['peak_memory_mb']:.0f}",
+                     *[_pct(asr.get(e)) for e in epochs]])
+    lines = [f"# {title}", "", f"{len(records)} cells. CA / ASR / RA / DER in %, before -> after; "
+             "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
+             code_note(records), "", render_table(rows, markdown=True), "", means_table(records, epochs)]
     cost = cost_table(records)
     if cost:
         lines += ["", cost]
@@ -163,10 +158,8 @@ def means_table(records: list[dict], epochs: list[str]) -> str:
     by_defense = defaultdict(list)
     for r in _ok(records):
         by_defense[r["label"]["defense"]].append(r)
-    retuned = "".join(f" ASR after {e} ep. |" for e in epochs)
-    lines = ["Means per defense:", "",
-             "| defense | cells | CA | ASR | RA | DER | seconds | x RNP time | peak MB |" + retuned,
-             "|---" * (9 + len(epochs)) + "|"]
+    table = [["defense", "cells", "CA", "ASR", "RA", "DER", "seconds", "x RNP time", "peak MB",
+              *[f"ASR after {e} ep." for e in epochs]]]
     for defense, rows in by_defense.items():
         def mean(values):
             values = [v for v in values if v is not None]
@@ -176,17 +169,14 @@ def means_table(records: list[dict], epochs: list[str]) -> str:
                   if rnp.get(_subject(r)) and defense != NO_DEFENSE]
         ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
         asr = [_pct(mean([r.get("retuning", {}).get("asr", {}).get(e) for r in rows])) for e in epochs]
-        lines.append(f"| {defense} | {len(rows)} | "
-                     + " | ".join(_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS)
-                     + f" | {_pct(mean([r['der'] for r in rows]))} | {mean([r['seconds'] for r in rows]):.1f} | "
-                     f"{ratio} | {mean([r['peak_memory_mb'] for r in rows]):.0f} |"
-                     + "".join(f" {a} |" for a in asr))
+        table.append([defense, len(rows), *[_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS],
+                      _pct(mean([r["der"] for r in rows])), f"{mean([r['seconds'] for r in rows]):.1f}", ratio,
+                      f"{mean([r['peak_memory_mb'] for r in rows]):.0f}", *asr])
     controls = [r["retuning"]["control_asr"] for r in _ok(records) if "control_asr" in r.get("retuning", {})]
     if controls:
         asr = [_pct(statistics.mean(c[e] for c in controls if e in c)) for e in epochs]
-        lines.append(f"| clean model (re-tuning control) | {len(controls)} | - | - | - | - | - | - | - |"
-                     + "".join(f" {a} |" for a in asr))
-    return "\n".join(lines)
+        table.append(["clean model (re-tuning control)", len(controls), *["-"] * 7, *asr])
+    return "Means per defense:\n\n" + render_table(table, markdown=True)
 
 
 def cost_table(records: list[dict]) -> str:
@@ -194,15 +184,13 @@ def cost_table(records: list[dict]) -> str:
     rows = [r for r in _ok(records) if r["label"]["defense"] == "rnp" and "floor_seconds" in r.get("rnp", {})]
     if not rows:
         return ""
-    lines = ["RNP's cost against its floor (the same number of forward+backward passes of plain "
-             "training, timed in the same cell on the same model):", "",
-             "| attack | seed | RNP seconds | unlearn / recover / prune | floor seconds | RNP / floor | runs |",
-             "|---|---|---|---|---|---|---|"]
+    table = [["attack", "seed", "RNP seconds", "unlearn / recover / prune", "floor seconds", "RNP / floor", "runs"]]
     for r in rows:
         stages = " / ".join(f"{r['stages'].get(s, 0):.1f}" for s in ("unlearn", "recover", "prune"))
-        lines.append(f"| {r['label']['attack']} | {_seed(r['label'])} | {r['seconds']:.1f} | {stages} | "
-                     f"{r['rnp']['floor_seconds']:.1f} | {r['rnp']['floor_ratio']:.2f} | {_runs(r)} |")
-    return "\n".join(lines)
+        table.append([r["label"]["attack"], _seed(r["label"]), f"{r['seconds']:.1f}", stages,
+                      f"{r['rnp']['floor_seconds']:.1f}", f"{r['rnp']['floor_ratio']:.2f}", _runs(r)])
+    return ("RNP's cost against its floor (the same number of forward+backward passes of plain "
+            "training, timed in the same cell on the same model):\n\n" + render_table(table, markdown=True))
 
 
 def _runs(record: dict) -> str:
@@ -232,14 +220,15 @@ def compare_table(records: list[dict]) -> str:
                 differs = f"{source['source']}: " + _differences(matching[0], source["setting"])
                 letter = notes.setdefault(differs, chr(ord("a") + len(notes)))
                 extra = source["notes"].get(defense)
-                rows.append(f"| {defense} | {attack} | {_pct(mean_ca)} / {_pct(mean_asr)} | {ca:.1f} / {asr:.1f} | "
-                            f"[{letter}]{f' {extra}' if extra else ''} |")
-    lines = ["Published numbers beside ours (CA / ASR after the defense, %):", "",
-             "| defense | attack | ours | published | source and what differs |", "|---|---|---|---|---|"]
+                rows.append([defense, attack, f"{_pct(mean_ca)} / {_pct(mean_asr)}", f"{ca:.1f} / {asr:.1f}",
+                             f"[{letter}]{f' {extra}' if extra else ''}"])
+    header = ["defense", "attack", "ours", "published", "source and what differs"]
+    title = "Published numbers beside ours (CA / ASR after the defense, %):\n\n"
     if not rows:
-        return "\n".join(lines + ["| - | - | - | - | no published cell matches this grid's defenses and attacks |"])
-    lines += rows + [""] + [f"[{letter}] {text}" for text, letter in notes.items()]
-    return "\n".join(lines)
+        unmatched = ["-"] * 4 + ["no published cell matches this grid's defenses and attacks"]
+        return title + render_table([header, unmatched], markdown=True)
+    return "\n".join([title + render_table([header, *rows], markdown=True), "",
+                      *[f"[{letter}] {text}" for text, letter in notes.items()]])
 
 
 def _differences(record: dict, setting: dict) -> str:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rnp.attacks import TriggeredSet
-from rnp.attacks.base import PoisonedSet
+from rnp.data.poisoned import PoisonedSet, TriggeredSet
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnp.bench.cells import prepare_subject, run_cell
 from rnp.bench.executors import EXECUTORS
-from rnp.bench.fingerprint import package_fingerprint, training_fingerprint
 from rnp.bench.grid import Cell, Grid
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
 from rnp.io.files import read_json, write_json
 from rnp.progress import format_duration
+from rnp.runs.fingerprint import package_fingerprint, training_fingerprint
 
 CELLS_FOLDER = "cells"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,8 +80,9 @@ def _setting_key(description: dict) -> str:
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
              device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
              log=None) -> GridRun:
-    """Computes the missing cells of ``grid`` into ``out`` and returns all of its records."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
+    ``log(line)`` reports progress (default: the ``rnp.bench.runner`` logger, at INFO)."""
+    log = log or logger.info
     start = time.perf_counter()
     cells = grid_cells(grid, data_cache)
     todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]

@@ -151,7 +151,8 @@ def ranking_table(records: list[dict]) -> str:
     for (_, model, attack, defense), group in _groups(rows).items():
         curves = [{p["count"]: p for p in r["rnp"]["prefix_curve"]} for r in group]
         zeros = _mean([sum(1 for m in r["rnp"]["masks"] if m == 0) for r in group])
-        lines.append(f"| {model} | {attack} | {defense} | {len(group)} | {zeros:.1f} of {len(group[0]['rnp']['masks'])} | "
+        masks = len(group[0]["rnp"]["masks"])
+        lines.append(f"| {model} | {attack} | {defense} | {len(group)} | {zeros:.1f} of {masks} | "
                      f"{_spread([r['summary'].get('pruned') for r in group], 1.0)} | "
                      f"{_spread([r['after']['clean_accuracy'] for r in group])} | "
                      f"{_spread([r['after']['attack_success_rate'] for r in group])} | "

@@ -16,23 +16,23 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from rnp.attacks import ATTACKS, build_attack
-from rnp.bench.subjects import train_run
+from rnp.cli.inputs import input_paths, outside_model
 from rnp.cli.options import config_overrides
-from rnp.cli.tables import metrics_table, render
+from rnp.cli.tables import metrics_table
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.demo import DEMO_DATASET_PATH
 from rnp.data.sources import load_dataset
 from rnp.defenses import DEFENSES, RNP, NeuralCleanse, threshold_sweep
 from rnp.defenses.base import MIN_CLEAN_IMAGES
 from rnp.errors import RnpError
-from rnp.io.checkpoint import load_checkpoint, load_state_dict
 from rnp.io.files import check_output_path, read_json, write_json
-from rnp.io.results import prepare_output_dir, remove_previous_outputs, write_defense_outputs
-from rnp.io.runs import (METRICS_FILE, MODEL_FILE, RECORD_FILES, RUN_FILE, load_run, load_weights,
-                         record_files, run_inputs)
+from rnp.io.tables import render_table
 from rnp.metrics import accuracy, der, evaluate_backdoor
-from rnp.models import build_model, model_spec
 from rnp.progress import logger as progress_logger
+from rnp.runs.folder import (METRICS_FILE, MODEL_FILE, RECORD_FILES, RUN_FILE, load_run, record_files,
+                             run_inputs)
+from rnp.runs.outputs import prepare_output_dir, remove_previous_outputs, write_defense_outputs
+from rnp.runs.training import train_run
 from rnp.training import TrainConfig, predict
 from rnp.utils import model_device, resolve_device
 
@@ -130,7 +130,7 @@ def _own_record(out: Path, run_dir: Path, model_file: Path) -> bool:
 def defend(args) -> int:
     if args.list:
         rows = [[name, cls.summary] for name, cls in sorted(DEFENSES.items())]
-        print(render([["method", "description"], *rows]))
+        print(render_table([["method", "description"], *rows]))
         return 0
     if not args.out:
         raise RnpError("--out is required")
@@ -140,44 +140,57 @@ def defend(args) -> int:
         raise RnpError("--data needs --model FILE (the model to purify)")
     device = resolve_device(args.device)
     defense = _defense_from_args(args)
-    out = prepare_output_dir(args.out, input_paths(args), force=args.force)
+    label = f"{defense.name} (preset {args.preset})" if isinstance(defense, RNP) else defense.name
+    options = dict(device=device, clean_seed=args.clean_seed, stratified=args.stratified,
+                   oracle_sweep=getattr(args, "oracle_sweep", False), force=args.force, label=label)
     if args.run:
-        run = load_run(args.run, cache_dir=args.cache_dir, model_file=args.model)
-        model, data, spec = run.model, run.data, run.info["model"]
-        clean, _ = run.clean_images(args.clean_size, seed=args.clean_seed, stratified=args.stratified)
-        triggered = run.triggered_test()
-    else:
-        data = load_dataset(args.data, cache_dir=args.cache_dir)
-        model, spec = outside_model(args, data)
-        clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
-                                       stratified=args.stratified)
-        triggered = None
+        return defend_run(defense, args.run, args.out, args.clean_size, model_file=args.model,
+                          cache_dir=args.cache_dir, **options)
+    out = prepare_output_dir(args.out, input_paths(args), force=args.force)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    model, spec = outside_model(args, data)
+    clean, _ = select_clean_subset(data.train, args.clean_size, seed=args.clean_seed,
+                                   stratified=args.stratified)
+    return _purify(defense, model, spec, data, clean, None, out, **options)
+
+
+def defend_run(defense, run_dir, out, clean_size: int | float, *, device: torch.device,
+               model_file=None, cache_dir=None, clean_seed: int = 0, stratified: bool = False,
+               oracle_sweep: bool = False, force: bool = False, label: str) -> int:
+    """``rnp defend --run``: purifies the model of a run folder (or ``model_file`` on its data)
+    with ``defense`` on ``clean_size`` clean images, writes the outputs into ``out`` and prints
+    before/after. ``rnp demo`` ends with it."""
+    inputs = [Path(model_file)] if model_file else []
+    out = prepare_output_dir(out, inputs + run_inputs(run_dir), force=force)
+    run = load_run(run_dir, cache_dir=cache_dir, model_file=model_file)
+    clean, _ = run.clean_images(clean_size, seed=clean_seed, stratified=stratified)
+    return _purify(defense, run.model, run.info["model"], run.data, clean, run.triggered_test(), out,
+                   device=device, clean_seed=clean_seed, stratified=stratified,
+                   oracle_sweep=oracle_sweep, force=force, label=label)
+
+
+def _purify(defense, model, spec, data, clean, triggered, out: Path, *, device, clean_seed: int,
+            stratified: bool, oracle_sweep: bool, force: bool, label: str) -> int:
+    """Fits ``defense`` on ``clean``, measures the model before and after, writes and prints."""
     with _library_warnings():
         result = defense.fit(model.to(device), clean)
-    sweep = _rnp_sweep(args, result, clean, data, triggered) if isinstance(defense, RNP) else None
+    sweep = _rnp_sweep(oracle_sweep, result, clean, data, triggered) if isinstance(defense, RNP) else None
     before = evaluate_backdoor(model, data.test, triggered)
     after = evaluate_backdoor(result.model, data.test, triggered)
     report = {**result.report,
-              "clean_set": {"size": len(clean), "seed": args.clean_seed, "stratified": args.stratified},
+              "clean_set": {"size": len(clean), "seed": clean_seed, "stratified": stratified},
               "device": str(device),
               "metrics": {"before": before.to_dict(), "after": after.to_dict(),
                           "der": der(before, after) if triggered is not None else None}}
     if isinstance(defense, RNP):
-        report["oracle_sweep_included"] = args.oracle_sweep
-    if args.force:
+        report["oracle_sweep_included"] = oracle_sweep
+    if force:
         remove_previous_outputs(out)
     write_defense_outputs(out, result, spec, report, sweep)
     print(metrics_table({"before": before.to_dict(), "after": after.to_dict()}))
-    print(_summary_line(defense, args, result, len(clean)))
+    print(_summary_line(label, result, len(clean)))
     print(f"outputs: {out}")
     return 0
-
-
-def input_paths(args) -> list[Path]:
-    """Every file and folder a command reads (``--model``, ``--data``, ``--poisoned-indices``,
-    the run folder's record, its dataset and reference run), for :func:`prepare_output_dir`."""
-    given = (getattr(args, name, None) for name in ("model", "data", "poisoned_indices"))
-    return [Path(path) for path in given if path] + (run_inputs(args.run) if args.run else [])
 
 
 def _defense_from_args(args):
@@ -191,7 +204,7 @@ def _defense_from_args(args):
     return cls(progress=not args.quiet, **overrides)
 
 
-def _rnp_sweep(args, result, clean, data, triggered) -> list[dict]:
+def _rnp_sweep(oracle_sweep: bool, result, clean, data, triggered) -> list[dict]:
     """RNP's defender-side view of every mask threshold, plus the labelled oracle columns when
     asked for."""
     def clean_set_accuracy(pruned):
@@ -201,12 +214,11 @@ def _rnp_sweep(args, result, clean, data, triggered) -> list[dict]:
     def oracle(pruned):
         return {f"oracle_{k}": v for k, v in evaluate_backdoor(pruned, data.test, triggered).to_dict().items()}
 
-    evaluate_row = (lambda m: {**clean_set_accuracy(m), **oracle(m)}) if args.oracle_sweep else clean_set_accuracy
+    evaluate_row = (lambda m: {**clean_set_accuracy(m), **oracle(m)}) if oracle_sweep else clean_set_accuracy
     return threshold_sweep(result, evaluate_row)
 
 
-def _summary_line(defense, args, result, clean_size: int) -> str:
-    label = f"{defense.name} (preset {args.preset})" if isinstance(defense, RNP) else defense.name
+def _summary_line(label: str, result, clean_size: int) -> str:
     parts = [f"{label} on {clean_size} clean images"]
     pruning = result.report.get("pruning")
     if pruning:
@@ -281,8 +293,9 @@ def demo(args) -> int:
                     config=TrainConfig(epochs=epochs, seed=args.seed, augment=args.data is not None),
                     holdout=args.clean_size, cache_dir=args.cache_dir, progress=not args.quiet, log=log,
                     device=device)
-    defend_args = _demo_defend_args(args, out, device)
-    return defend(defend_args)
+    defense = RNP(progress=not args.quiet, seed=args.seed)
+    return defend_run(defense, out, out / "rnp", args.clean_size, device=device, cache_dir=args.cache_dir,
+                      force=args.force, label=f"{defense.name} (preset default)")
 
 
 def _check_demo_clean_size(size, data_spec, cache_dir) -> None:
@@ -293,53 +306,6 @@ def _check_demo_clean_size(size, data_spec, cache_dir) -> None:
     if not MIN_CLEAN_IMAGES <= count < len(train):
         raise RnpError(f"--clean-size {size}: the demo holds these images out of training for RNP; "
                        f"give {MIN_CLEAN_IMAGES} to {len(train) - 1} images")
-
-
-def _demo_defend_args(args, run_dir: Path, device: torch.device):
-    from rnp.cli.main import build_parser
-    argv = ["defend", "--run", str(run_dir), "--out", str(run_dir / "rnp"), "--seed", str(args.seed),
-            "--clean-size", str(args.clean_size), "--device", str(device)]
-    if args.cache_dir:
-        argv += ["--cache-dir", args.cache_dir]
-    if args.quiet:
-        argv.append("--quiet")
-    if args.force:
-        argv.append("--force")
-    return build_parser().parse_args(argv)
-
-
-def outside_model(args, data):
-    """The model in ``--model`` and its spec: from ``--arch``/``--width``, else from rnp's metadata."""
-    tensors = load_state_dict(args.model)
-    num_classes, in_channels = data.train.num_classes, data.train.image_shape[0]
-    if args.arch:
-        spec = model_spec(args.arch, num_classes=num_classes, width=args.width or 16,
-                          in_channels=in_channels)
-    else:
-        if args.width is not None:
-            raise RnpError("--width needs --arch")
-        spec = _saved_spec(args.model)
-        if spec["num_classes"] != num_classes:
-            raise RnpError(f"{args.model} classifies {spec['num_classes']} classes but {args.data} "
-                           f"has {num_classes}; give the dataset the model was trained on")
-        if spec["in_channels"] != in_channels:
-            raise RnpError(f"{args.model} takes {spec['in_channels']}-channel images but {args.data} "
-                           f"has {in_channels}-channel images")
-    model = build_model(**spec)
-    load_weights(model, tensors, args.model)
-    return model, spec
-
-
-def _saved_spec(path) -> dict:
-    """The model spec rnp stores in its safetensors metadata, checked (the file is untrusted)."""
-    metadata = load_checkpoint(path)[1] if Path(path).suffix == ".safetensors" else {}
-    spec = metadata.get("model") if isinstance(metadata, dict) else None
-    if not spec:
-        raise RnpError(f"{path}: give --arch (and --width) for a model not saved by rnp")
-    try:
-        return model_spec(**spec)
-    except (TypeError, ValueError) as error:
-        raise RnpError(f"{path}: the model spec in its metadata is not valid ({error})") from None
 
 
 # Attack parameters with their own options; --trigger sets only the trigger's parameters.

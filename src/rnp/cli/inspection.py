@@ -11,23 +11,25 @@ from pathlib import Path
 
 import torch
 
+from rnp.cli.inputs import input_paths, outside_model
 from rnp.cli.options import config_overrides
 from rnp.data.clean_subset import select_clean_subset
 from rnp.data.images import ImageSet
 from rnp.data.sources import load_dataset
 from rnp.defenses import RNPConfig
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS, Strip, StripConfig
 from rnp.detection.trigger_recovery import recover_on_both, trigger_tiles, true_trigger_mask
-from rnp.detection.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
 from rnp.io import plots
 from rnp.io.figures import image_grid, save_png, side_by_side
 from rnp.io.files import write_json, write_text
-from rnp.io.results import prepare_output_dir, remove_previous_outputs
-from rnp.io.runs import load_run
-from rnp.metrics.detection import auroc, positives_mask, threshold_at_fpr, tpr_at_fpr
+from rnp.io.tables import render_table, write_csv
+from rnp.metrics.detection import auroc, positives_mask, share_above, threshold_at_fpr, tpr_at_fpr
+from rnp.runs.folder import load_run
+from rnp.runs.outputs import prepare_output_dir, remove_previous_outputs
 from rnp.utils import fits_seed, generator_for, resolve_device
 
 UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlearn_weight_decay",
@@ -130,10 +132,9 @@ def scan_data(args) -> int:
         panels.append(plots.Figure([plots.Histograms(groups, title=name, xlabel="score (higher = more suspicious)")]))
         report["detectors"][name] = entry
         columns[name] = [f"{float(s):.9g}" for s in scores]  # 9 digits: float32 exactly
-    lines = [",".join(columns)] + [",".join(str(columns[c][i]) for c in columns) for i in range(len(data))]
     if args.force:
         remove_previous_outputs(out)
-    write_text(out / "scores.csv", "\n".join(lines) + "\n")
+    write_csv(out / "scores.csv", list(columns), zip(*columns.values()))
     _write_figures({f"scores_{name}": panel for name, panel in zip(names, panels)}, out)
     write_json(out / "report.json", report)
     write_text(out / "summary.md", _scan_summary(report))
@@ -152,7 +153,6 @@ def _write_figures(figures: dict[str, plots.Figure], out: Path) -> None:
 
 def _output_dir(args) -> Path:
     """``--out``, checked before any work (see :func:`prepare_output_dir`), as are the settings."""
-    from rnp.cli.commands import input_paths
     _check_settings(args)
     return prepare_output_dir(args.out, input_paths(args), force=args.force)
 
@@ -181,7 +181,6 @@ class _Subject:
 
 def _subject(args) -> _Subject:
     """The model, its clean images and test split, from ``--run`` or ``--model`` + ``--data``."""
-    from rnp.cli.commands import outside_model
     device = resolve_device(args.device)
     if bool(args.run) == bool(args.data):
         raise RnpError("give either --run DIR, or --model FILE with --data SPEC")
@@ -250,7 +249,7 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
         for name, row in trigger["models"].items():
             rows.append([name, f"{row['norm']:.1f}", "-" if row["iou"] is None else f"{row['iou']:.2f}",
                          f"{100 * row['success']:.1f}%", str(row["steps"]), f"{row['seconds']:.1f}"])
-        lines += ["", f"Trigger recovery for class {trigger['target']}:", "", _markdown(rows)]
+        lines += ["", f"Trigger recovery for class {trigger['target']}:", "", render_table(rows, markdown=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -274,12 +273,11 @@ def _flags(scores: torch.Tensor, held_out: torch.Tensor, known: torch.Tensor | N
     realises, measured: on the held-out images (at most the rate; less when they are few or tied)
     and on the scanned samples known to be clean (None when no poisoned indices are known)."""
     threshold = threshold_at_fpr(held_out, FLAG_FALSE_POSITIVE_RATE)
-    scores, held_out = scores.double(), held_out.double()  # compared as the threshold was set: exactly
-    flagged = scores > threshold
-    clean = None if known is None or bool(known.all()) else flagged[~known]
+    flagged = scores.double() > threshold  # compared as the threshold was set: exactly
+    clean = None if known is None or bool(known.all()) else scores[~known]
     return {"threshold": threshold, "flagged": int(flagged.sum()), "target_fpr": FLAG_FALSE_POSITIVE_RATE,
-            "fpr_held_out": float((held_out > threshold).double().mean()),
-            "fpr_scanned_clean": None if clean is None else float(clean.double().mean())}
+            "fpr_held_out": share_above(held_out, threshold),
+            "fpr_scanned_clean": None if clean is None else share_above(clean, threshold)}
 
 
 def _scan_summary(report: dict) -> str:
@@ -296,17 +294,12 @@ def _scan_summary(report: dict) -> str:
                    f"unlearning used the other {clean['unlearning']}), at most "
                    f"{100 * FLAG_FALSE_POSITIVE_RATE:g}% of them above it; the false-positive rates it "
                    "realises are measured on those images and on the scanned samples known clean.")
-    return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{_markdown(rows)}\n\n"
+    return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{render_table(rows, markdown=True)}\n\n"
             f"{calibration}\n")
 
 
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _markdown(rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-                     + ["| " + " | ".join(row) + " |" for row in rows[1:]])
 
 
 def _scanned_data(args, subject: _Subject) -> tuple[ImageSet, torch.Tensor | None]:

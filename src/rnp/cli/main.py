@@ -19,9 +19,9 @@ from rnp.cli.inspection import UNLEARN_FIELDS
 from rnp.cli.options import add_config_options, clean_size, count, finite_float, threads
 from rnp.defenses import DEFENSES, RNPConfig
 from rnp.defenses.neural_cleanse import BUDGETS
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
-from rnp.detection.trigger_reverse import TriggerReverseConfig
 from rnp.errors import RnpError
 from rnp.models import MODEL_NAMES
 from rnp.training import TrainConfig

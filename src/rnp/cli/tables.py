@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rnp.io.tables import render_table
+
 METRIC_LABELS = (
     ("clean_accuracy", "CA"),
     ("clean_accuracy_non_target", "CA (non-target)"),
@@ -21,12 +23,5 @@ def metrics_table(columns: dict[str, dict]) -> str:
     for key, label in METRIC_LABELS:
         if any(columns[name].get(key) is not None for name in names):
             rows.append([label, *(percent(columns[name].get(key)) for name in names)])
-    return render(rows)
+    return render_table(rows)
 
-
-def render(rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)

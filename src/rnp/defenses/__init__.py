@@ -1,6 +1,7 @@
 """Backdoor removal defenses: ``Defense(**settings).fit(model, clean_data) -> DefenseResult``.
 
-RNP, eight baselines and one exposure-guided baseline behind one interface; :data:`DEFENSES` maps each CLI name to its class.
+RNP, eight baselines and one exposure-guided baseline behind one interface; :data:`DEFENSES`
+maps each CLI name to its class.
 """
 
 from rnp.defenses.base import DefenseResult, RemovalDefense
@@ -22,6 +23,7 @@ DEFENSES: dict[str, type[RemovalDefense]] = {
 
 __all__ = ["DefenseResult", "RemovalDefense", "ChannelScores", "MaskSet", "batchnorm_layers",
            "maskable_layers", "prune_channels", "RNP", "RNPConfig", "threshold_sweep",
-           "FT", "FTConfig", "fine_tune", "FP", "FPConfig", "ExposedFP", "ExposedFPConfig", "NAD", "NADConfig", "ANP", "ANPConfig",
+           "FT", "FTConfig", "fine_tune", "FP", "FPConfig", "ExposedFP", "ExposedFPConfig", "NAD", "NADConfig",
+           "ANP", "ANPConfig",
            "IBAU", "IBAUConfig", "CLP", "CLPConfig", "NeuralCleanse", "NeuralCleanseConfig",
            "SAU", "SAUConfig", "DEFENSES"]

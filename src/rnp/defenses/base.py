@@ -22,6 +22,7 @@ from rnp.data.images import ImageSet, as_image_set
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights, check_logits
+from rnp.models.probes import eval_mode
 from rnp.training.evaluate import predict
 from rnp.utils import model_device
 
@@ -138,15 +139,12 @@ def prepare_inputs(model: nn.Module, clean_data) -> tuple[nn.Module, ImageSet, t
                        "are needed (RNP's default is 500)")
     device = model_device(model)
     working = copy.deepcopy(model)
-    with torch.no_grad():
-        was_training = working.training
-        working.eval()
+    with torch.no_grad(), eval_mode(working):
         try:
             outputs = working(clean.images[:2].float().div(255).to(device))
         except RuntimeError as error:
             raise RnpError(f"the model cannot take the clean images of shape "
                            f"{tuple(clean.images.shape[1:])}: {str(error).splitlines()[0]}") from None
-        working.train(was_training)
     check_logits(outputs)
     top = int(clean.labels.max())
     if top >= outputs.shape[1]:

@@ -48,6 +48,7 @@ from torch import nn
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.masks import ChannelScores, prune_channels
 from rnp.errors import RnpError
+from rnp.models.probes import capture_activations, eval_mode
 from rnp.utils import check_config
 
 
@@ -91,28 +92,18 @@ def conv_batchnorm_pairs(model: nn.Module,
     produced: dict[object, str] = {}
     feeds: dict[str, list] = {name: [] for name, m in modules.items() if _has_bound(m)}
 
-    def record_output(name):
-        def hook(module, inputs, output):
-            produced.setdefault(output.grad_fn, name)
-        return hook
+    def record_output(name: str, output: torch.Tensor) -> None:
+        produced.setdefault(output.grad_fn, name)
 
-    def record_input(name):
-        def hook(module, inputs):
-            feeds[name].append(inputs[0].grad_fn)
-        return hook
+    def record_input(name: str, inputs: torch.Tensor) -> None:
+        feeds[name].append(inputs.grad_fn)
 
-    handles = [m.register_forward_hook(record_output(name)) for name, m in modules.items()
-               if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed]
-    handles += [modules[name].register_forward_pre_hook(record_input(name)) for name in feeds]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            model(example.detach().clone().requires_grad_(True))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    convolutions = {name: m for name, m in modules.items()
+                    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed}
+    with (eval_mode(model), capture_activations(convolutions, record_output),
+          capture_activations({name: modules[name] for name in feeds}, record_input, inputs=True),
+          torch.enable_grad()):
+        model(example.detach().clone().requires_grad_(True))
     pairs, unpaired = [], []
     for name, nodes in feeds.items():
         traced = {_trace_sum(node, produced) for node in nodes}

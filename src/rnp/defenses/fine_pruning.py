@@ -60,6 +60,7 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.defenses.finetune import FineTuneFields, clean_accuracy, epoch_rows, fine_tune
 from rnp.defenses.masks import ChannelScores, prune_channels
 from rnp.errors import RnpError
+from rnp.models.probes import capture_activations, eval_mode
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)
@@ -133,20 +134,14 @@ def mean_activations(model: nn.Module, site: str, clean: ImageSet, *, batch_size
     positions, with the model in eval mode."""
     totals, counts = [], []
 
-    def record(module, inputs, output):
+    def record(name: str, output: torch.Tensor) -> None:
         flat = output.detach().abs().transpose(0, 1).reshape(output.shape[1], -1)
         totals.append(flat.double().sum(1).cpu())
         counts.append(flat.shape[1])
 
-    was_training = model.training
-    model.eval()
-    handle = model.get_submodule(site).register_forward_hook(record)
-    try:
+    with eval_mode(model), capture_activations({site: model.get_submodule(site)}, record):
         for images, _ in iterate_batches(clean, batch_size, device=device):
             model(images)
-    finally:
-        handle.remove()
-        model.train(was_training)
     return (torch.stack(totals).sum(0) / sum(counts)).float()
 
 

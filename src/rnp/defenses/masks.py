@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from rnp.errors import RnpError
+from rnp.io.tables import csv_text
 
 
 LAYER_KINDS = ("batchnorm", "layernorm", "conv", "linear")
@@ -138,9 +139,9 @@ class ChannelScores:
                 in zip(self.layers.tolist(), self.channels.tolist(), self.values.tolist())]
 
     def to_csv(self) -> str:
-        lines = ["layer,channel,value"]
-        lines += [f"{layer},{channel},{value:.6f}" for layer, channel, value in self.rows()]
-        return "\n".join(lines) + "\n"
+        """The :meth:`rows` as CSV, values to six decimals."""
+        return csv_text(["layer", "channel", "value"],
+                        [(layer, channel, f"{value:.6f}") for layer, channel, value in self.rows()])
 
 
 class MaskSet:

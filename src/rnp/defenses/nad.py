@@ -39,6 +39,7 @@ run trains the student 20 epochs, the paper reports 10.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ from rnp.data.images import ImageSet
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.finetune import FineTuneFields, clean_accuracy, epoch_rows, fine_tune
 from rnp.errors import RnpError
+from rnp.models.probes import capture_activations, eval_mode
 
 
 @dataclass
@@ -126,18 +128,17 @@ class AttentionDistillation:
         self.student_maps: dict[str, torch.Tensor] = {}
         self.teacher_maps: dict[str, torch.Tensor] = {}
         self.values: list[float] = []
-        self.handles = []
+        self._captures = contextlib.ExitStack()
         for model, store in ((student, self.student_maps), (teacher, self.teacher_maps)):
-            for name in layers:
-                module = _submodule(model, name)
-                self.handles.append(module.register_forward_hook(self._recorder(store, name)))
+            modules = {name: _submodule(model, name) for name in layers}
+            self._captures.enter_context(capture_activations(modules, self._recorder(store)))
 
-    def _recorder(self, store: dict, name: str):
-        def hook(module, inputs, output):
+    def _recorder(self, store: dict):
+        def record(name: str, output: torch.Tensor) -> None:
             # A clone, so that an in-place operation after this module (e.g. ReLU(inplace=True))
             # cannot alter the tensor the map's gradient needs.
             store[name] = attention_map(output.clone(), self.power)
-        return hook
+        return record
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -148,24 +149,16 @@ class AttentionDistillation:
         return loss
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self._captures.close()
 
 
 @torch.no_grad()
 def check_feature_maps(model: nn.Module, layers: list[str], clean: ImageSet, device) -> None:
     """RnpError unless every layer outputs a 4-D tensor (N, C, H, W) on two clean images."""
     outputs = {}
-    handles = [_submodule(model, name).register_forward_hook(
-        lambda module, inputs, output, name=name: outputs.setdefault(name, output)) for name in layers]
-    was_training = model.training
-    model.eval()
-    try:
+    modules = {name: _submodule(model, name) for name in layers}
+    with eval_mode(model), capture_activations(modules, outputs.setdefault):
         model(clean.images[:2].float().div(255).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     for name in layers:
         if name not in outputs:
             raise RnpError(f"layer {name!r} is not used in the model's forward pass")

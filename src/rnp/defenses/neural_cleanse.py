@@ -14,7 +14,7 @@ github.com/bolunwang/backdoor. Three stages on the defender's clean images:
    of the images carry a flagged class's recovered trigger but keep their TRUE labels, for one
    epoch (paper). If no class is flagged the model is returned unchanged (a copy).
 
-Defaults (:class:`NeuralCleanseConfig`): the search as in :mod:`rnp.detection.trigger_reverse`
+Defaults (:class:`NeuralCleanseConfig`): the search as in :mod:`rnp.defenses.trigger_reverse`
 (1000 steps of 1000 samples, batch 32, Adam 0.1 with betas (0.5, 0.9), init cost 1e-3, threshold
 0.99, patience 5, multiplier 2, early stop after 25 stale steps); anomaly threshold 2; unlearning
 on 20% stamped images for 1 epoch. Deviations and choices the paper leaves open:
@@ -47,10 +47,10 @@ from torch import nn
 from rnp.data.images import ImageSet, to_uint8
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.finetune import fine_tune
-from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, anomaly_indices,
-                                           apply_trigger, flag_classes, output_classes,
-                                           reverse_engineer_trigger)
+from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, apply_trigger, flag_classes,
+                                          output_classes, reverse_engineer_trigger)
 from rnp.errors import RnpError
+from rnp.metrics.detection import anomaly_indices
 from rnp.utils import check_config, generator_for, progress_bar
 
 BUDGETS = {"cpu": {"steps": 120, "samples_per_step": 64}, "paper": {}}

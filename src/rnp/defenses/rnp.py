@@ -7,8 +7,8 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
    collapses. The backdoor survives, so the unlearned model exposes it.
 2. *Recover*: on the unlearned model, learn one mask in [0, 1] per channel by ordinary
    descent (BatchNorm channels as in the paper; LayerNorm, convolution or linear channels for
-   models without BatchNorm, see :mod:`rnp.defenses.masks`). Clean function comes back through the clean channels; masks of channels
-   that carry the backdoor stay small.
+   models without BatchNorm, see :mod:`rnp.defenses.masks`). Clean function comes back through
+   the clean channels; masks of channels that carry the backdoor stay small.
 3. *Prune*: zero the low-mask channels' weights in the ORIGINAL model.
 
 Memory layout: ``channels_last=True`` trains the unlearning and recovering copies with

@@ -1,5 +1,9 @@
 """Backdoor detection: what RNP's unlearned model exposes (target label, backdoored model,
-poisoned training samples), trigger recovery and the usual detectors to compare with."""
+poisoned training samples), trigger recovery and the usual detectors to compare with.
+
+Neural Cleanse's trigger search lives in :mod:`rnp.defenses.trigger_reverse` (the NC defense runs
+it, and detection, which builds on RNP's unlearning, sits above the defenses); it is exported
+here too, with the MAD anomaly index of :mod:`rnp.metrics`."""
 
 from rnp.detection.exposure import (Exposure, LabelDetection, ModelDetection, detect_backdoored_model,
                                     detect_target_label, expose)
@@ -7,11 +11,12 @@ from rnp.detection.poisoned_samples import (SAMPLE_DETECTORS, ActivationClusteri
                                             SpectralSignatures, Strip, UnlearnedMargin)
 from rnp.detection.trigger_recovery import (TriggerComparison, mask_iou, recover_on_both,
                                             trigger_success, true_trigger_mask)
-from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, anomaly_indices,
-                                           apply_trigger, flag_classes, output_classes,
-                                           reverse_engineer_trigger)
+from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, apply_trigger, flag_classes,
+                                          output_classes, reverse_engineer_trigger)
+from rnp.metrics.detection import anomaly_indices
 
-__all__ = ["Exposure", "LabelDetection", "ModelDetection", "detect_backdoored_model", "detect_target_label", "expose", "SAMPLE_DETECTORS",
+__all__ = ["Exposure", "LabelDetection", "ModelDetection", "detect_backdoored_model", "detect_target_label",
+           "expose", "SAMPLE_DETECTORS",
            "ActivationClustering", "LossScore", "SpectralSignatures", "Strip", "UnlearnedMargin",
            "TriggerComparison", "mask_iou", "recover_on_both", "trigger_success", "true_trigger_mask",
            "RecoveredTrigger", "TriggerReverseConfig", "anomaly_indices", "apply_trigger",

@@ -29,7 +29,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.defenses.base import prepare_inputs
 from rnp.defenses.rnp import RNP, RNPConfig, RNPResult
-from rnp.detection.trigger_reverse import MAD_CONSISTENCY
+from rnp.metrics.detection import anomaly_indices
 from rnp.training.evaluate import predict
 from rnp.utils import model_device
 
@@ -128,9 +128,7 @@ def detect_target_label(exposure: Exposure, threshold: float = LABEL_ANOMALY_THR
     """
     shares = exposure.drift_shares().double()
     candidate = int(shares.argmax())
-    deviation = (shares - shares.quantile(0.5)).abs()
-    spread = max(MAD_CONSISTENCY * float(deviation.quantile(0.5)), MIN_SPREAD)
-    confidence = float(deviation[candidate]) / spread
+    confidence = float(anomaly_indices(shares, MIN_SPREAD)[candidate])
     return LabelDetection(candidate if confidence >= threshold else None, candidate, confidence,
                           threshold, [round(float(s), 6) for s in shares])
 

@@ -61,6 +61,7 @@ from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.detection.exposure import Exposure, expose
 from rnp.errors import RnpError
+from rnp.models.probes import capture_activations, eval_mode
 from rnp.training.evaluate import predict
 from rnp.utils import generator_for, progress_bar
 
@@ -96,19 +97,12 @@ def last_linear_features(model: nn.Module, data: ImageSet, *, batch_size: int = 
     layer = last_linear(model)
     captured: list[torch.Tensor] = []
 
-    def record(module, inputs, output):
-        captured.append(inputs[0].reshape(inputs[0].shape[0], -1).float().cpu())
+    def record(name: str, features: torch.Tensor) -> None:
+        captured.append(features.reshape(features.shape[0], -1).float().cpu())
 
-    was_training = model.training
-    handle = layer.register_forward_hook(record)
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, _ in iterate_batches(data, batch_size, device=device):
-                model(images.contiguous(memory_format=torch.channels_last))
-    finally:
-        handle.remove()
-        model.train(was_training)
+    with eval_mode(model), capture_activations({"last_linear": layer}, record, inputs=True), torch.inference_mode():
+        for images, _ in iterate_batches(data, batch_size, device=device):
+            model(images.contiguous(memory_format=torch.channels_last))
     if len(captured) != math.ceil(len(data) / batch_size):
         raise RnpError(f"the last nn.Linear of {type(model).__name__} ran {len(captured)} times for "
                        f"{math.ceil(len(data) / batch_size)} batches; its input is no per-sample "
@@ -415,18 +409,14 @@ class Strip:
         overlays = clean.images.to(device).float().div_(255)
         chunk = max(1, self.config.batch_size // self.config.overlays)
         entropies = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(), progress_bar(len(data), "STRIP", progress, unit="image") as bar:
-                for start in range(0, len(data), chunk):
-                    stop = min(start + chunk, len(data))
-                    entropies.append(self._mean_entropy(model, data.images[start:stop].to(device),
-                                                        overlays[draws[start:stop].to(device)]))
-                    if bar is not None:
-                        bar.update(stop - start)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode(), \
+                progress_bar(len(data), "STRIP", progress, unit="image") as bar:
+            for start in range(0, len(data), chunk):
+                stop = min(start + chunk, len(data))
+                entropies.append(self._mean_entropy(model, data.images[start:stop].to(device),
+                                                    overlays[draws[start:stop].to(device)]))
+                if bar is not None:
+                    bar.update(stop - start)
         return -torch.cat(entropies) if entropies else torch.empty(0)
 
     def _mean_entropy(self, model: nn.Module, images: torch.Tensor,

@@ -5,7 +5,7 @@ ICML 2023 (arXiv 2305.14876), state that the unlearned model of RNP's first stag
 ascent on the defender's clean images, :func:`rnp.detection.exposure.expose`) improves trigger
 recovery: its clean function is broken while the backdoor survives, so a trigger search on it
 should meet less competition from clean features. This module measures that claim with Neural
-Cleanse's search (Wang et al., IEEE S&P 2019; :func:`rnp.detection.trigger_reverse.
+Cleanse's search (Wang et al., IEEE S&P 2019; :func:`rnp.defenses.trigger_reverse.
 reverse_engineer_trigger`), run with the same config and the same seeded random stream (same
 initial mask and pattern, same batch order) on the unlearned and on the original model.
 
@@ -33,7 +33,7 @@ for nearly all clean images, the search for that target succeeds with an (almost
 and the trigger it returns reveals nothing. A near-zero norm with ``search_success`` 1 and a
 ``success`` on the original model no higher than without any trigger is that case.
 
-Defaults: the search's are :class:`~rnp.detection.trigger_reverse.TriggerReverseConfig`'s (the
+Defaults: the search's are :class:`~rnp.defenses.trigger_reverse.TriggerReverseConfig`'s (the
 Neural Cleanse release); nothing here adds a hyperparameter of its own except the documented
 measurement choices above.
 """
@@ -49,9 +49,9 @@ from torch import nn
 
 from rnp.attacks.base import Attack
 from rnp.data.images import ImageSet, to_uint8
+from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, apply_trigger,
+                                          reverse_engineer_trigger)
 from rnp.detection.exposure import Exposure
-from rnp.detection.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, apply_trigger,
-                                           reverse_engineer_trigger)
 from rnp.errors import RnpError
 from rnp.training.evaluate import predict
 from rnp.utils import generator_for, model_device, progress_bar
@@ -153,8 +153,8 @@ class TriggerEvaluation:
 
     ``rows[name]`` for ``name`` in :data:`MODELS` holds ``norm``, ``iou`` and
     ``mass_on_trigger`` (both None unless the true trigger is a patch), ``success`` (on the
-    original model over the evaluation images), ``search_success`` (on the defender's clean images during the search, on the searched
-    model), ``reached_threshold``, ``steps`` and ``seconds``.
+    original model over the evaluation images), ``search_success`` (on the defender's clean
+    images during the search, on the searched model), ``reached_threshold``, ``steps`` and ``seconds``.
     """
 
     target: int

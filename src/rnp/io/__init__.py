@@ -1,4 +1,5 @@
-"""Files rnp reads and writes: atomic outputs, safe weights, run folders."""
+"""Low-level files rnp reads and writes: atomic outputs, strict JSON, safe weights, CSV and
+tables, figures. Run folders, which record attacks and defenses, are :mod:`rnp.runs`."""
 
 from rnp.io.files import atomic_path, read_json, write_json, write_text
 from rnp.io.checkpoint import load_checkpoint, load_state_dict, save_checkpoint, save_state_dict

@@ -4,6 +4,7 @@ one), strict JSON, and output locations checked before any work is done."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -51,7 +52,8 @@ def write_json(path, obj) -> None:
     """Writes ``obj`` as strict JSON, which has no NaN or Infinity.
 
     A non-finite float (e.g. Neural Cleanse's anomaly index of a class whose norm stands apart when
-    the median absolute deviation of the norms is 0) is written as null, and its place and value are listed under ``"non_finite_values"``
+    the median absolute deviation of the norms is 0) is written as null, and its place and value
+    are listed under ``"non_finite_values"``
     (``{"detection/anomaly_indices/3": "Infinity"}``) so the null is never mistaken for a missing
     value. Only a JSON object has room for that note: any other ``obj`` holding a non-finite
     float is refused.
@@ -76,6 +78,15 @@ def _finite(value, where: str, replaced: dict):
     if isinstance(value, (list, tuple)):
         return [_finite(item, f"{where}/{index}", replaced) for index, item in enumerate(value)]
     return value
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes in hex, read in 1 MiB blocks (model files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path) -> dict:

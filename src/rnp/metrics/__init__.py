@@ -1,7 +1,9 @@
-"""Backdoor metrics, defined once: CA, ASR, RA and DER; detection metrics: AUROC, TPR at a FPR."""
+"""Backdoor metrics, defined once: CA, ASR, RA and DER; detection metrics: AUROC, TPR at a FPR,
+the MAD anomaly index."""
 
 from rnp.metrics.backdoor import BackdoorMetrics, accuracy, der, evaluate_backdoor
-from rnp.metrics.detection import auroc, positives_mask, threshold_at_fpr, tpr_at_fpr
+from rnp.metrics.detection import (anomaly_indices, auroc, positives_mask, share_above, threshold_at_fpr,
+                                   tpr_at_fpr)
 
-__all__ = ["BackdoorMetrics", "accuracy", "der", "evaluate_backdoor", "auroc", "positives_mask",
-           "threshold_at_fpr", "tpr_at_fpr"]
+__all__ = ["BackdoorMetrics", "accuracy", "der", "evaluate_backdoor", "anomaly_indices", "auroc",
+           "positives_mask", "share_above", "threshold_at_fpr", "tpr_at_fpr"]

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rnp.attacks.base import TriggeredSet
 from rnp.data.images import ImageSet
+from rnp.data.poisoned import TriggeredSet
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.utils import model_device

@@ -1,4 +1,5 @@
-"""Detection metrics for per-sample suspicion scores: AUROC and the TPR at a fixed FPR.
+"""Detection metrics for per-sample suspicion scores (AUROC, the TPR at a fixed FPR) and the MAD
+anomaly index that flags an outlying class.
 
 Convention everywhere: a higher score means more suspicious (more likely poisoned), and
 ``positives`` is a boolean mask marking the truly poisoned samples.
@@ -12,7 +13,11 @@ Convention everywhere: a higher score means more suspicious (more likely poisone
   flagged, so ties never let the false-positive rate exceed ``fpr``; with ``fpr = 0`` the
   threshold is the highest negative score, which no negative exceeds (nothing flagged), and
   with ``fpr = 1`` it is ``-inf`` (everything is flagged). It is the one threshold calibration
-  of the package: detection thresholds set from scores of known-clean samples or models use it.
+  of the package: detection thresholds set from scores of known-clean samples or models use it;
+  :func:`share_above` is the rate a threshold realises on any scores.
+- :func:`anomaly_indices` is the median-absolute-deviation score of Neural Cleanse (Wang et al.,
+  IEEE S&P 2019): ``|value - median| / (1.4826 * MAD)``, used on trigger norms and on RNP's
+  drift shares alike.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import math
 import torch
 
 from rnp.errors import RnpError
+
+MAD_CONSISTENCY = 1.4826  # the MAD of a normal sample times this estimates its std (NC's release)
 
 # floor(fpr * n) must not drop to k - 1 when fpr * n is k up to rounding (0.29 * 100 = 28.999...).
 _FLOOR_SLACK = 1e-9
@@ -55,7 +62,33 @@ def tpr_at_fpr(scores, positives, fpr: float = 0.05) -> float:
     """Fraction of positives scoring strictly above :func:`threshold_at_fpr` of the negatives."""
     scores, positives = _check(scores, positives)
     threshold = threshold_at_fpr(scores[~positives], fpr)
-    return float((scores[positives] > threshold).double().mean())
+    return share_above(scores[positives], threshold)
+
+
+def share_above(scores, threshold: float) -> float:
+    """Fraction of ``scores`` strictly above ``threshold``: the false-positive rate a threshold
+    realises on known-clean scores, the true-positive rate on known-poisoned ones. Compared in
+    float64, as :func:`threshold_at_fpr` sets thresholds."""
+    scores = torch.as_tensor(scores).detach().cpu().double()
+    return float((scores > threshold).double().mean())
+
+
+def anomaly_indices(values, min_spread: float = 0.0) -> torch.Tensor:
+    """Anomaly index of every value: ``|value - median| / max(1.4826 * MAD, min_spread)``.
+
+    The median is the usual one (mean of the two middle values for an even count), as NumPy's
+    in Neural Cleanse's release. ``min_spread`` floors the robust spread so the index stays finite
+    when most values are equal; without a floor, a MAD of 0 gives 0 to the values at the median
+    and infinity to all others.
+    """
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if len(values) == 0:
+        raise RnpError("anomaly indices need at least one value")
+    deviation = (values - values.quantile(0.5)).abs()
+    spread = max(MAD_CONSISTENCY * float(deviation.quantile(0.5)), min_spread)
+    if spread == 0:
+        return torch.where(deviation == 0, 0.0, math.inf).to(torch.float64)
+    return deviation / spread
 
 
 def positives_mask(indices, length: int) -> torch.Tensor:

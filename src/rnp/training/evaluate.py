@@ -8,6 +8,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.models.checks import check_logits
+from rnp.models.probes import eval_mode
 
 
 def predict(model: nn.Module, data: ImageSet, *, batch_size: int = 512, device="cpu",
@@ -19,16 +20,11 @@ def predict(model: nn.Module, data: ImageSet, *, batch_size: int = 512, device="
     are not a finite ``(N, classes)`` tensor are an :class:`RnpError`: the argmax of NaN scores
     would name an arbitrary class and pass for a prediction.
     """
-    was_training = model.training
-    model.eval()
     outputs = []
-    try:
-        with torch.inference_mode():
-            for images, _ in iterate_batches(data, batch_size, device=device):
-                logits = check_logits(model(images.contiguous(memory_format=torch.channels_last)))
-                outputs.append(logits.float().cpu() if return_logits else logits.argmax(1).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for images, _ in iterate_batches(data, batch_size, device=device):
+            logits = check_logits(model(images.contiguous(memory_format=torch.channels_last)))
+            outputs.append(logits.float().cpu() if return_logits else logits.argmax(1).cpu())
     if not outputs:
         return torch.empty((0,) if not return_logits else (0, 0))
     return torch.cat(outputs)

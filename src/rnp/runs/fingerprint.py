@@ -25,8 +25,9 @@ PACKAGE_ROOT = Path(rnp.__file__).resolve().parent
 TRAINING_CODE = ("data", "models", "attacks", "training", "utils.py")
 """What shapes a trained model: data decoding and clean-image draws, the architectures, the
 attacks (poisoning, triggers, generators), the training loop, and the seeding helpers of
-``rnp/utils.py``. ``rnp/bench/subjects.py`` (which calls them) is left out on purpose: it also
-holds the cache's own logic, whose edits must not retrain every subject."""
+``rnp/utils.py``. ``rnp/runs/training.py`` and ``rnp/bench/subjects.py`` (which call them) are
+left out on purpose: they also hold run folders' and the cache's own logic, whose edits must not
+retrain every subject."""
 
 EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {}
 """Training fingerprints verified to train the same models as older ones: ``{newer: (older,

@@ -19,7 +19,8 @@ from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
 from rnp.io.files import check_output_path, write_json, write_text
 from rnp.io.plots import CSV_HEADER as FIGURE_CSV_HEADER, FORMATS as FIGURE_FORMATS
-from rnp.io.runs import METRICS_FILE, MODEL_FILE, RUN_FILE, save_model
+from rnp.io.tables import write_csv
+from rnp.runs.folder import METRICS_FILE, MODEL_FILE, RUN_FILE, save_model
 
 REPORT_FILE = "report.json"
 MASKS_FILE = "masks.csv"
@@ -85,8 +86,7 @@ def write_defense_outputs(out, result: DefenseResult, model_spec: dict | None, r
         save_checkpoint(out / ARTIFACTS_FILE, tensors)
     if sweep:
         columns = list(sweep[0])
-        lines = [",".join(columns)] + [",".join(_cell(row.get(c)) for c in columns) for row in sweep]
-        write_text(out / SWEEP_FILE, "\n".join(lines) + "\n")
+        write_csv(out / SWEEP_FILE, columns, [[_cell(row.get(c)) for c in columns] for row in sweep])
     write_json(out / REPORT_FILE, report)
 
 

@@ -1,4 +1,4 @@
-"""Trigger reverse-engineering and the MAD anomaly index of Neural Cleanse.
+"""Trigger reverse-engineering of Neural Cleanse, and its flagging of outlying classes.
 
 Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, "Neural Cleanse: Identifying and Mitigating
 Backdoor Attacks in Neural Networks", IEEE Symposium on Security and Privacy 2019
@@ -15,8 +15,9 @@ threshold for ``patience`` steps in a row, then is multiplied by ``cost_multipli
 failing ones. A "step" is ``samples_per_step // batch_size`` mini-batches. The smallest mask
 of any successful step is kept; the search stops early once the cost has been both raised and
 lowered and that best norm has not improved for ``early_stop_patience`` steps. A backdoor
-target needs a much smaller mask than the other classes, which :func:`anomaly_indices` (median
-absolute deviation, consistency constant 1.4826) exposes.
+target needs a much smaller mask than the other classes, which
+:func:`rnp.metrics.anomaly_indices` (median absolute deviation, consistency constant 1.4826)
+exposes (:func:`flag_classes`).
 
 Defaults of :class:`TriggerReverseConfig` (all from the release's GTSRB example, whose values the
 paper reports; see each field): 1000 steps of 1000 samples in batches of 32, Adam lr 0.1 with
@@ -39,9 +40,10 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.errors import RnpError
+from rnp.metrics.detection import anomaly_indices
+from rnp.models.probes import eval_mode
 from rnp.utils import check_config
 
-MAD_CONSISTENCY = 1.4826  # the MAD of a normal sample times this estimates its std (release)
 TANH_EPSILON = 1e-7  # Keras' K.epsilon(), keeps the squashed values strictly inside (0, 1)
 
 
@@ -139,43 +141,20 @@ def reverse_engineer_trigger(model: nn.Module, clean: ImageSet, target: int,
     if not 0 <= target < classes:
         raise RnpError(f"target {target} is not an output of the model (0..{classes - 1})")
     flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     try:
-        return _search(model, clean, target, config, generator, device, progress)
+        with eval_mode(model):
+            return _search(model, clean, target, config, generator, device, progress)
     finally:
-        model.train(was_training)
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
 
 
 def output_classes(model: nn.Module, clean: ImageSet, device="cpu") -> int:
     """How many classes ``model`` scores, read from one forward pass on a clean image."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return int(model(clean.images[:1].float().div(255).to(device)).shape[1])
-    finally:
-        model.train(was_training)
-
-
-def anomaly_indices(norms) -> torch.Tensor:
-    """Anomaly index of every class: ``|norm - median| / (1.4826 * MAD)``.
-
-    The median is the usual one (mean of the two middle values for an even count), as NumPy's
-    in the release. If the MAD is 0, classes at the median get 0 and all others infinity.
-    """
-    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
-    if len(norms) == 0:
-        raise RnpError("anomaly indices need at least one norm")
-    deviation = (norms - norms.quantile(0.5)).abs()
-    mad = MAD_CONSISTENCY * deviation.quantile(0.5)
-    if mad == 0:
-        return torch.where(deviation == 0, 0.0, math.inf).to(torch.float64)
-    return deviation / mad
+    with eval_mode(model), torch.no_grad():
+        return int(model(clean.images[:1].float().div(255).to(device)).shape[1])
 
 
 def flag_classes(norms, threshold: float = 2.0) -> list[int]:
@@ -260,7 +239,7 @@ def _search(model, clean, target, config, generator, device, progress) -> Recove
     batches = _endless_batches(clean, config.batch_size, generator, device)
     schedule, stopper = _CostSchedule(config), _EarlyStop(config)
     best, best_norm = None, math.inf
-    for step in range(1, config.steps + 1):
+    for step in range(1, config.steps + 1):  # noqa: B007 (the last step is reported below)
         success, norm = _one_step(model, batches, target, mask_raw, pattern_raw, optimizer,
                                   schedule.cost, config.batches_per_step, progress)
         reached = success >= config.attack_success_threshold
