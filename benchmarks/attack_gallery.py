@@ -21,7 +21,7 @@ from rnp.bench.subjects import cached_subject
 from rnp.bench.suite import suite_attack
 from rnp.data.images import to_uint8
 from rnp.io.files import atomic_path
-from rnp.io.runs import load_run
+from rnp.runs import load_run
 from rnp.training import TrainConfig
 
 SCALE, AMPLIFY, LABEL_WIDTH = 3, 5.0, 130

@@ -1,7 +1,7 @@
 """Does this checkout train the same models as another revision? (a check before reusing subjects)
 
 Cached benchmark subjects are keyed on the fingerprint of the training code
-(:func:`rnp.bench.fingerprint.training_fingerprint`), so any edit to it, a docstring or a moved
+(:func:`rnp.runs.fingerprint.training_fingerprint`), so any edit to it, a docstring or a moved
 helper included, would retrain every subject (hours each). This script trains small canary
 subjects with both revisions, through the stable ``rnp train`` command, in separate processes:
 every attack of the suite plus a clean model, width 4, one epoch on 500 images of the packaged

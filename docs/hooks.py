@@ -32,7 +32,7 @@ from rnp.cli.main import build_parser
 from rnp.cli.options import field_descriptions
 from rnp.defenses import DEFENSES, RNPConfig
 from rnp.detection import SAMPLE_DETECTORS, Exposure, RecoveredTrigger, TriggerComparison
-from rnp.detection.trigger_reverse import TriggerReverseConfig
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from rnp.cli.main import main
 from rnp.cli.options import field_descriptions
 from rnp.defenses import DEFENSES, RNPConfig
-from rnp.detection.trigger_reverse import TriggerReverseConfig
+from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.training import TrainConfig
 
 CONFIGS = {"train": TrainConfig, "inspect": TriggerReverseConfig,
