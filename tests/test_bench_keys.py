@@ -20,6 +20,7 @@ from rnp.bench.report import code_note
 from rnp.bench.runner import run_grid
 from rnp.bench.suite import suite_attack
 from rnp.data.sources import load_dataset
+from rnp.errors import RnpError
 from rnp.runs import fingerprint, training as run_training
 from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig
@@ -170,3 +171,22 @@ def test_the_report_says_when_records_mix_code():
     mixed = code_note([record("aaa", "ttt"), record("bbb", "ttt")])
     assert mixed.startswith("**Warning") and "aaa (1 cells), bbb (1 cells)" in mixed
     assert "unknown" in code_note([{"cell": {}, "key": "old record"}])
+
+
+def test_one_process_trains_the_subjects_while_another_defends_those_finished(data, tmp_path):
+    grid = small_grid(data, defenses={"none": {}, "ft": FT_FAST})
+    out, cache = tmp_path / "out", tmp_path / "models"
+    early = run_grid(grid, out, cache=cache, trained_only=True, log=lambda line: None)
+    assert early.records == [] and len(early.skipped) == 2 and not early.failures
+    assert not list(cache.glob("*/model.safetensors"))  # nothing was trained
+    queue = run_grid(grid, out, cache=cache, defenses=["none"], log=lambda line: None)
+    assert [r["label"]["defense"] for r in queue.records] == ["none"]
+    beside = run_grid(grid, out, cache=cache, trained_only=True, log=lambda line: None)
+    assert sorted(r["label"]["defense"] for r in beside.records) == ["ft", "none"] and not beside.skipped
+    assert beside.computed == [r["key"] for r in beside.records if r["label"]["defense"] == "ft"]
+
+
+def test_an_unknown_defense_row_is_a_one_line_error(data, tmp_path):
+    with pytest.raises(RnpError, match="no defense row 'rnp'; its rows: ft, none"):
+        run_grid(small_grid(data, defenses={"none": {}, "ft": FT_FAST}), tmp_path / "out",
+                 cache=tmp_path / "models", defenses=["rnp"], log=lambda line: None)

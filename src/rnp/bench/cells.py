@@ -42,13 +42,15 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_subject(subject: Subject, cache: str, *, data_cache: str | None = None, device="cpu",
-                    progress: bool = False, log=logger.info) -> str:
+                    progress: bool = False, train: bool = True, log=logger.info) -> str:
     """The subject's run folder in ``cache``, trained first if it is not there yet (the log
-    lines, why it trains included, name the subject)."""
+    lines, why it trains included, name the subject); with ``train=False``, raises
+    :class:`rnp.bench.subjects.SubjectNotTrained` instead of training."""
     name = f"{subject.dataset} {subject.arch}-w{subject.width} {subject.label} seed {subject.seed}"
     run_dir = cached_subject(cache, subject.data_spec, subject.build_attack(), arch=subject.arch,
                              width=subject.width, config=subject.train_config(), cache_dir=data_cache,
-                             device=device, progress=progress, log=lambda line: log(f"{name}: {line}"))
+                             device=device, progress=progress, train=train,
+                             log=lambda line: log(f"{name}: {line}"))
     return str(run_dir)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from rnp.bench.cells import prepare_subject, run_cell
 from rnp.bench.executors import EXECUTORS
 from rnp.bench.grid import Cell, Grid
+from rnp.bench.subjects import SubjectNotTrained
 from rnp.data.sources import load_dataset
 from rnp.errors import RnpError
 from rnp.io.files import read_json, write_json
@@ -33,11 +34,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class GridRun:
     """What one ``rnp bench`` call did: this grid's records, which cells it computed, which
-    failed (cell key -> message), and its wall-clock seconds."""
+    failed (cell key -> message), which it skipped because their subject is not trained yet
+    (``trained_only``), and its wall-clock seconds."""
 
     records: list[dict]
     computed: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -79,12 +82,23 @@ def _setting_key(description: dict) -> str:
 
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
              device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
-             log=None) -> GridRun:
+             defenses: list[str] | None = None, trained_only: bool = False, log=None) -> GridRun:
     """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
-    ``log(line)`` reports progress (default: the ``rnp.bench.runner`` logger, at INFO)."""
+
+    ``defenses`` (row names, e.g. ``["none"]``) runs only those rows; ``trained_only`` trains
+    nothing and skips the cells whose subject the cache does not hold finished. Together they
+    let one process train a grid's subjects (``defenses=["none"]``) while another defends those
+    already trained (``trained_only``). ``log(line)`` reports progress (default: the
+    ``rnp.bench.runner`` logger, at INFO)."""
     log = log or logger.info
     start = time.perf_counter()
     cells = grid_cells(grid, data_cache)
+    if defenses is not None:
+        rows = {cell.name or cell.defense for cell in cells}
+        unknown = sorted(set(defenses) - rows)
+        if unknown:
+            raise RnpError(f"grid {grid.name} has no defense row {unknown[0]!r}; its rows: {', '.join(sorted(rows))}")
+        cells = [cell for cell in cells if (cell.name or cell.defense) in defenses]
     todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]
     log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
         f"({executor} executor; code {package_fingerprint()}, training code {training_fingerprint()})")
@@ -96,13 +110,16 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
     else:
         runner = EXECUTORS[executor]()
     prepare = functools.partial(prepare_subject, cache=str(cache), data_cache=data_cache, device=device,
-                                progress=executor == "local", log=log)
+                                progress=executor == "local", train=not trained_only, log=log)
     execute = functools.partial(run_cell, data_cache=data_cache, device=device, threads=threads)
     result = GridRun(records=[])
     cells_start = time.perf_counter()
     for number, (cell, outcome) in enumerate(runner.run(todo, prepare, execute), start=1):
         where = f"[{number}/{len(todo)}] {cell.subject.label} / {cell.name or cell.defense}"
         left = _time_left(time.perf_counter() - cells_start, number, len(todo))
+        if isinstance(outcome, SubjectNotTrained):
+            result.skipped.append(cell.key)
+            continue
         if isinstance(outcome, RnpError):
             result.failures[cell.key] = str(outcome)
             log(f"{where}: failed: {outcome}{left}")
@@ -110,6 +127,8 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         write_json(cell_path(out, cell.key), outcome)
         result.computed.append(cell.key)
         log(f"{where}: {_brief(outcome)}{left}")
+    if result.skipped:
+        log(f"{len(result.skipped)} cells skipped: their subjects are not trained yet (trained only)")
     result.records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
     result.seconds = time.perf_counter() - start
     return result

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rnp.attacks import Attack
 from rnp.data.sources import load_dataset
+from rnp.errors import RnpError
 from rnp.io.files import file_sha256, read_json, write_json
 from rnp.runs.fingerprint import equivalent_training_codes, training_fingerprint
 from rnp.runs.folder import CHECKPOINT_FILE, MODEL_FILE, config_dict, read_run_info
@@ -39,6 +40,11 @@ from rnp.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+
+class SubjectNotTrained(RnpError):
+    """A subject asked for with ``train=False`` that the cache does not hold finished."""
+
+
 ADOPTED_FILE = "adopted.json"
 """In a pre-fingerprint subject folder: the training fingerprint that adopted it."""
 
@@ -46,15 +52,17 @@ LEGACY_VERSION = "0.1.0"
 """The package version every pre-fingerprint subject key hashed."""
 
 
-def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
+def cached_run(cache_root, data_spec: str, *, train: bool = True, **kwargs) -> Path:
     """:func:`train_run` into ``cache_root/<spec hash>-<training fingerprint>``, so each subject
     is trained once however many benchmarks use it, and again only when the code that shapes it
-    changes (the module's policy). Says why whenever it trains."""
+    changes (the module's policy). Says why whenever it trains. With ``train=False`` a subject
+    the cache does not hold finished raises :class:`SubjectNotTrained` instead (e.g. to run the
+    defenses of the subjects a training queue has finished, beside it)."""
     cache_root, log = Path(cache_root), kwargs.get("log", logger.info)
     spec, code = _subject_spec(data_spec, kwargs), training_fingerprint()
     out = cache_root / f"{_hash(spec)}-{code}"
     if not (out / MODEL_FILE).exists():
-        earlier = _equivalent_folder(cache_root, spec, code, fresh=not out.exists())
+        earlier = _equivalent_folder(cache_root, spec, code, fresh=not out.exists() and train)
         if earlier is not None:
             log(f"reusing subject {earlier.name}: its training code was verified to train the same "
                 f"models as this code ({code})")
@@ -62,6 +70,8 @@ def cached_run(cache_root, data_spec: str, **kwargs) -> Path:
         legacy = _adopted_legacy(cache_root, spec, code, log)
         if legacy is not None:
             return train_run(legacy, data_spec, **kwargs)
+        if not train:
+            raise SubjectNotTrained(f"subject {out.name} is not trained yet")
         log(f"training subject {out.name}: {_why_train(cache_root, spec, out)}")
     return train_run(out, data_spec, **kwargs)
 

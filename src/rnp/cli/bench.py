@@ -38,10 +38,12 @@ def _bench(grid, path: str, args) -> int:
         device = resolve_device(args.device)
         log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         run = run_grid(grid, out, cache=cache, data_cache=data_cache, executor=args.executor,
-                       device=str(device), threads=args.threads, ray_address=args.ray_address, log=log)
+                       device=str(device), threads=args.threads, ray_address=args.ray_address,
+                       defenses=args.defenses, trained_only=args.trained_only, log=log)
         records, failures = run.records, run.failures
+        skipped = f", {len(run.skipped)} skipped (subject not trained yet)" if run.skipped else ""
         print(f"{len(run.computed)} cells computed, {len(records) - len(run.computed)} reused, "
-              f"{len(failures)} failed, in {run.seconds:.0f} s", file=sys.stderr)
+              f"{len(failures)} failed{skipped}, in {run.seconds:.0f} s", file=sys.stderr)
     text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare)
     print(text)
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, cells in {out / 'cells'}", file=sys.stderr)

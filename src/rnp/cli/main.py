@@ -160,6 +160,11 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     grid.add_argument("--compare", action="store_true",
                       help="put published numbers (BackdoorBench, the official RNP log) beside ours")
     grid.add_argument("--report-only", action="store_true", help="write the report from finished cells, run nothing")
+    grid.add_argument("--defenses", nargs="+", metavar="ROW",
+                      help="run only these defense rows of the grid (e.g. `none` to train its subjects)")
+    grid.add_argument("--trained-only", action="store_true",
+                      help="train nothing: skip the cells whose subject is not in the cache yet (to defend "
+                           "the subjects a training run has finished, beside it)")
     _add_common(grid)
     grid.set_defaults(handler=bench.bench, resumable=True)
     return parser
