@@ -20,7 +20,7 @@ from rnp.cli.main import main
 from rnp.errors import RnpError
 
 from helpers import write_dataset
-from test_bench_grid import RNP_FAST, grid_dict, records, write_grid
+from test_bench_grid import FT_FAST, RNP_FAST, grid_dict, records, write_grid
 from test_cli import _environment  # noqa: F401 (autouse fixture: private cache, one thread)
 
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
@@ -130,8 +130,18 @@ def test_an_attack_entry_takes_its_own_rate_and_seeds(data):
     assert all("poison_rate" not in s.attack_params and "seeds" not in s.attack_params for s in grid.subjects())
 
 
+def test_a_defense_row_takes_its_own_clean_seeds(data):
+    rows = {"none": {}, "ft": FT_FAST, "rnp": {**RNP_FAST, "clean_seeds": [0, 1, 2]}}
+    own = parse_grid(grid_dict(data, defenses=rows, retuning=None))
+    cells = [(c.name or c.defense, c.clean_seed) for c in own.cells({"tiny": "x"})]
+    assert cells == [("none", None), ("ft", None), ("rnp", 0), ("rnp", 1), ("rnp", 2)]
+    plain = parse_grid(grid_dict(data, defenses={k: v for k, v in rows.items() if k != "rnp"}, retuning=None))
+    assert [c.key for c in plain.cells({"tiny": "x"})] == [c.key for c in own.cells({"tiny": "x"})][:2]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"clean_seeds": []}, "'clean_seeds' is a non-empty list"),
+    ({"defenses": {"rnp": {"clean_seeds": None}}}, "defenses.rnp.clean_seeds is a non-empty list"),
     ({"clean_seeds": ["a"]}, "'clean_seeds' takes integers"),
     ({"repeats": 0}, "'repeats' takes integers >= 1"),
     ({"prune_counts": [0]}, "'prune_counts' takes integers >= 1"),

@@ -26,7 +26,9 @@ Example (``benchmarks/grids/`` holds every study's)::
     retuning: {epochs: [1, 5, 20]}
 
 Besides the defenses, a grid may measure (each study of ``benchmarks/grids/`` uses some):
-``clean_seeds`` draws the clean set and seeds the defense several times on each subject;
+``clean_seeds`` draws the clean set and seeds the defense several times on each subject (a
+defense row may carry its own ``clean_seeds``, e.g. three for RNP and the grid's one for the
+costly baselines);
 ``repeats`` times every defense several times (median seconds, results checked equal);
 ``prune_counts`` adds RNP's oracle ranking (CA / ASR after pruning its first k channels);
 ``attack_properties`` and ``exposure`` (:mod:`rnp.bench.measurements`) measure each subject in
@@ -201,6 +203,7 @@ class Grid:
     data_cache: str | None = None
     output: str | None = None
     clean_seeds: list[int] | None = None
+    row_clean_seeds: dict[str, list[int]] = field(default_factory=dict)
     repeats: int = 1
     prune_counts: list[int] = field(default_factory=list)
     attack_properties: bool = False
@@ -218,10 +221,14 @@ class Grid:
         """Every cell, subjects in grid order and defenses in the file's order within each.
         ``checksums`` maps each dataset name to its data checksum."""
         cells = []
+        default = self.clean_seeds or [None]
+        every = list(dict.fromkeys([*default, *(s for seeds in self.row_clean_seeds.values() for s in seeds)]))
         for subject in self.subjects():
-            for clean_seed in self.clean_seeds or [None]:
+            for clean_seed in every:
                 seed = subject.seed if clean_seed is None else clean_seed
                 for name, (defense, settings) in self.defenses.items():
+                    if clean_seed not in self.row_clean_seeds.get(name, default):
+                        continue
                     if defense != NO_DEFENSE and "seed" in _fields(defense):
                         settings = {"seed": seed, **settings}
                     cell = Cell(subject, defense, settings, self.clean_size, self.retuning,
@@ -267,7 +274,8 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         name=_text(raw.get("name", "grid"), "name"), datasets=_datasets(raw["datasets"], base),
         models=[_model(m) for m in _list(raw.get("models", [{"arch": "preact_resnet18"}]), "models")],
         attacks=[_attack(a, reduced) for a in _list(raw["attacks"], "attacks")],
-        defenses=_defenses(raw["defenses"]), train=_train(raw.get("train", {})),
+        defenses=_defenses(raw["defenses"]), row_clean_seeds=_row_clean_seeds(raw["defenses"]),
+        train=_train(raw.get("train", {})),
         poison_rates=[_rate(r) for r in _list(raw.get("poison_rates", ["default"]), "poison_rates")],
         seeds=[_int(s, "seeds") for s in _list(raw.get("seeds", [0]), "seeds")],
         clean_size=_int(raw.get("clean_size", 500), "clean_size", minimum=1),
@@ -281,6 +289,19 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         exposure=_exposure(raw.get("exposure")))
     _check_measurements(grid)
     return grid
+
+
+def _row_clean_seeds(raw) -> dict[str, list[int]]:
+    """Row name -> the row's own ``clean_seeds``, for the rows that carry them."""
+    if isinstance(raw, list):
+        return {}
+    rows = {}
+    for name, settings in _mapping(raw, "defenses").items():
+        if isinstance(settings, dict) and "clean_seeds" in settings:
+            rows[str(name)] = _clean_seeds(settings["clean_seeds"])
+            if rows[str(name)] is None:
+                raise RnpError(f"defenses.{name}.clean_seeds is a non-empty list of seeds")
+    return rows
 
 
 def _clean_seeds(raw) -> list[int] | None:
@@ -367,6 +388,7 @@ def _defenses(raw) -> dict[str, tuple[str, dict]]:
     result = {}
     for name, settings in raw.items():
         settings = dict(_mapping(settings or {}, f"defenses.{name}"))
+        settings.pop("clean_seeds", None)  # the row's own clean sets: _row_clean_seeds
         defense = settings.pop("defense", name)
         if defense not in known:
             raise RnpError(f"unknown defense {defense!r}; choose from {', '.join(known)} "
