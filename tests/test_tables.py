@@ -28,3 +28,8 @@ def test_terminal_table_pads_columns_and_underlines_the_header():
 def test_markdown_table_leaves_empty_cells_blank():
     assert render_table([["a", "b", "c"], [1, "x", ""]], markdown=True) == (
         "| a | b | c |\n|---|---|---|\n| 1 | x | |")
+
+
+def test_markdown_table_escapes_a_bar_and_folds_a_line_break():
+    assert render_table([["defense", "result"], ["rnp | fast", "n/a: failed\nat step 2"]], markdown=True) == (
+        "| defense | result |\n|---|---|\n| rnp \\| fast | n/a: failed at step 2 |")

@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import torch
 
+from rnp.io.tables import render_table
 from rnp.metrics.detection import auroc
 
 ASR_BAR, CA_DROP_BAR = 0.90, 0.03
@@ -59,12 +60,8 @@ def attack_table(records: list[dict]) -> str:
     rows = [r for r in records if "attack_properties" in r]
     if not rows:
         return ""
-    lines = ["## Attack properties", "",
-             f"The undefended subjects. The backdoor takes hold when ASR >= {100 * ASR_BAR:.0f}% and CA "
-             f"drops at most {100 * CA_DROP_BAR:.0f} points below the clean twin (same model and training, "
-             "no attack).", "",
-             "| dataset | model | attack | seed | mode | poisoning | CA | ASR | RA | clean twin CA | CA drop | "
-             "takes hold | attack fit s | training s |", "|---" * 14 + "|"]
+    table = [["dataset", "model", "attack", "seed", "mode", "poisoning", "CA", "ASR", "RA", "clean twin CA",
+              "CA drop", "takes hold", "attack fit s", "training s"]]
     for r in rows:
         label, before, props = r["label"], r["before"], r["attack_properties"]
         twin = props["clean_twin_accuracy"]
@@ -72,12 +69,14 @@ def attack_table(records: list[dict]) -> str:
         holds = "-" if drop is None else ("yes" if before["attack_success_rate"] >= ASR_BAR
                                           and drop <= CA_DROP_BAR else "**no**")
         train = "-" if props["train_seconds"] is None else f"{props['train_seconds']:.0f}"
-        lines.append(f"| {label['dataset']} | {label['model']} | {label['attack']} | {label['seed']} | "
-                     f"{props['mode']} | {props['poisoning']} | {_pct(before['clean_accuracy'])} | "
-                     f"{_pct(before['attack_success_rate'])} | {_pct(before['robust_accuracy'])} | "
-                     f"{_pct(twin)} | {'-' if drop is None else f'{100 * drop:+.1f}'} | {holds} | "
-                     f"{props['prepare_seconds']:.0f} | {train} |")
-    return "\n".join(lines)
+        table.append([label["dataset"], label["model"], label["attack"], label["seed"], props["mode"],
+                      props["poisoning"], _pct(before["clean_accuracy"]), _pct(before["attack_success_rate"]),
+                      _pct(before["robust_accuracy"]), _pct(twin), "-" if drop is None else f"{100 * drop:+.1f}",
+                      holds, f"{props['prepare_seconds']:.0f}", train])
+    return "\n".join(["## Attack properties", "",
+                      f"The undefended subjects. The backdoor takes hold when ASR >= {100 * ASR_BAR:.0f}% and CA "
+                      f"drops at most {100 * CA_DROP_BAR:.0f} points below the clean twin (same model and "
+                      "training, no attack).", "", render_table(table, markdown=True)])
 
 
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -93,21 +92,20 @@ def seeds_table(records: list[dict]) -> str:
     groups = _groups(records)
     if all(len(rows) < 2 for rows in groups.values()):
         return ""
-    lines = ["## Spread over seeds", "",
-             "Mean ± standard deviation over the seeds (subject seeds and clean-set seeds), in % "
-             "(pruned: channels; seconds: the defense alone, per stage where it has stages).", "",
-             "| dataset | model | attack | defense | cells | CA | ASR | RA | DER | pruned | stage seconds | seconds |",
-             "|---" * 12 + "|"]
+    table = [["dataset", "model", "attack", "defense", "cells", "CA", "ASR", "RA", "DER", "pruned",
+              "stage seconds", "seconds"]]
     for (dataset, model, attack, defense), rows in groups.items():
         stages = sorted({s for r in rows for s in r["stages"]})
         stage_text = " / ".join(f"{s} {_spread([r['stages'].get(s) for r in rows], 1.0)}" for s in stages) or "-"
-        lines.append(f"| {dataset} | {model} | {attack} | {defense} | {len(rows)} | "
-                     + " | ".join(_spread([r["after"][m] for r in rows])
-                                  for m in ("clean_accuracy", "attack_success_rate", "robust_accuracy"))
-                     + f" | {_spread([r['der'] for r in rows])} | "
-                     f"{_spread([r['summary'].get('pruned') for r in rows], 1.0)} | {stage_text} | "
-                     f"{_spread([r['seconds'] for r in rows], 1.0)} |")
-    return "\n".join(lines)
+        table.append([dataset, model, attack, defense, len(rows),
+                      *(_spread([r["after"][m] for r in rows])
+                        for m in ("clean_accuracy", "attack_success_rate", "robust_accuracy")),
+                      _spread([r["der"] for r in rows]), _spread([r["summary"].get("pruned") for r in rows], 1.0),
+                      stage_text, _spread([r["seconds"] for r in rows], 1.0)])
+    return "\n".join(["## Spread over seeds", "",
+                      "Mean ± standard deviation over the seeds (subject seeds and clean-set seeds), in % "
+                      "(pruned: channels; seconds: the defense alone, per stage where it has stages).", "",
+                      render_table(table, markdown=True)])
 
 
 def pivot_tables(records: list[dict]) -> str:
@@ -124,13 +122,11 @@ def pivot_tables(records: list[dict]) -> str:
     sections = ["## Defenses side by side"]
     for title, value in (("ASR", lambda r: r["after"]["attack_success_rate"]),
                          ("CA", lambda r: r["after"]["clean_accuracy"]), ("DER", lambda r: r["der"])):
-        lines = [f"{title} after each defense (%, mean over seeds):", "",
-                 "| attack | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 1) + "|"]
+        table = [["attack", *defenses]]
         for subject in subjects:
-            row = [_pct(_mean([value(r) for r in cells[(subject, d)]])) if cells.get((subject, d)) else ""
-                   for d in defenses]
-            lines.append(f"| {subject} | " + " | ".join(row) + " |")
-        sections.append("\n".join(lines))
+            table.append([subject, *(_pct(_mean([value(r) for r in cells[(subject, d)]]))
+                                     if cells.get((subject, d)) else "" for d in defenses)])
+        sections.append(f"{title} after each defense (%, mean over seeds):\n\n" + render_table(table, markdown=True))
     return "\n\n".join(sections)
 
 
@@ -140,27 +136,24 @@ def ranking_table(records: list[dict]) -> str:
     if not rows:
         return ""
     counts = [p["count"] for p in rows[0]["rnp"]["prefix_curve"]]
-    lines = ["## RNP's ranking of the channels (oracle analysis)", "",
-             "CA and ASR (%) after pruning the first k channels in RNP's mask order, on the "
-             f"{rows[0]['rnp']['curve_kind'].removeprefix('oracle analysis on ')} of the pruning curve: "
-             "test data a defender does not have; it judges the ranking and chooses nothing. "
-             "Mean ± sd over seeds.", "",
-             "| model | attack | RNP setting | cells | masks = 0 | pruned | CA | ASR | "
-             + " | ".join(f"ASR@{k}" for k in counts) + " | " + " | ".join(f"CA@{k}" for k in counts)
-             + " | seconds |", "|---" * (9 + 2 * len(counts)) + "|"]
+    table = [["model", "attack", "RNP setting", "cells", "masks = 0", "pruned", "CA", "ASR",
+              *(f"ASR@{k}" for k in counts), *(f"CA@{k}" for k in counts), "seconds"]]
     for (_, model, attack, defense), group in _groups(rows).items():
         curves = [{p["count"]: p for p in r["rnp"]["prefix_curve"]} for r in group]
         zeros = _mean([sum(1 for m in r["rnp"]["masks"] if m == 0) for r in group])
         masks = len(group[0]["rnp"]["masks"])
-        lines.append(f"| {model} | {attack} | {defense} | {len(group)} | {zeros:.1f} of {masks} | "
-                     f"{_spread([r['summary'].get('pruned') for r in group], 1.0)} | "
-                     f"{_spread([r['after']['clean_accuracy'] for r in group])} | "
-                     f"{_spread([r['after']['attack_success_rate'] for r in group])} | "
-                     + " | ".join(_spread([c[k]["attack_success_rate"] for c in curves if k in c]) for k in counts)
-                     + " | "
-                     + " | ".join(_spread([c[k]["clean_accuracy"] for c in curves if k in c]) for k in counts)
-                     + f" | {_spread([r['seconds'] for r in group], 1.0)} |")
-    return "\n".join(lines)
+        table.append([model, attack, defense, len(group), f"{zeros:.1f} of {masks}",
+                      _spread([r["summary"].get("pruned") for r in group], 1.0),
+                      _spread([r["after"]["clean_accuracy"] for r in group]),
+                      _spread([r["after"]["attack_success_rate"] for r in group]),
+                      *(_spread([c[k]["attack_success_rate"] for c in curves if k in c]) for k in counts),
+                      *(_spread([c[k]["clean_accuracy"] for c in curves if k in c]) for k in counts),
+                      _spread([r["seconds"] for r in group], 1.0)])
+    return "\n".join(["## RNP's ranking of the channels (oracle analysis)", "",
+                      "CA and ASR (%) after pruning the first k channels in RNP's mask order, on the "
+                      f"{rows[0]['rnp']['curve_kind'].removeprefix('oracle analysis on ')} of the pruning "
+                      "curve: test data a defender does not have; it judges the ranking and chooses nothing. "
+                      "Mean ± sd over seeds.", "", render_table(table, markdown=True)])
 
 
 def exposure_tables(records: list[dict]) -> str:
@@ -183,9 +176,8 @@ def _subject(r: dict) -> str:
 
 
 def _label_table(rows: list[dict]) -> str:
-    lines = ["Target label named from the unlearning drift, and EBYD's score:", "",
-             "| subject | target named | label confidence | variance score | unlearning steps | exposure seconds |",
-             "|---|---|---|---|---|---|"]
+    table = [["subject", "target named", "label confidence", "variance score", "unlearning steps",
+              "exposure seconds"]]
     for r in rows:
         e = r["exposure"]
         named, true = e["label"]["target"], e["true_target"]
@@ -195,9 +187,10 @@ def _label_table(rows: list[dict]) -> str:
             found = "none (right: all-to-all)" if named is None else f"{named} (all-to-all)"
         else:
             found = "right" if named == true else "none" if named is None else f"wrong ({named})"
-        lines.append(f"| {_subject(r)} | {found} | {e['label']['confidence']:.2f} | "
-                     f"{e['model_detection']['score']:.4f} | {e['unlearning_steps']} | {e['seconds']:.0f} |")
-    return "\n".join(lines)
+        table.append([_subject(r), found, f"{e['label']['confidence']:.2f}", f"{e['model_detection']['score']:.4f}",
+                      e["unlearning_steps"], f"{e['seconds']:.0f}"])
+    return ("Target label named from the unlearning drift, and EBYD's score:\n\n"
+            + render_table(table, markdown=True))
 
 
 def _model_score_table(rows: list[dict]) -> str:
@@ -205,24 +198,21 @@ def _model_score_table(rows: list[dict]) -> str:
     model-level scores."""
     positives = torch.tensor([r["exposure"]["backdoored"] for r in rows])
     both = 0 < int(positives.sum()) < len(positives)
-    lines = ["Backdoored-model detection over these subjects:", "",
-             "| score | clean models | backdoored models | AUROC | accuracy at threshold | threshold |",
-             "|---|---|---|---|---|---|"]
+    table = [["score", "clean models", "backdoored models", "AUROC", "accuracy at threshold", "threshold"]]
     for name, key, field in (("variance of class shares (EBYD)", "model_detection", "score"),
                              ("target-label confidence", "label", "confidence")):
         scores = torch.tensor([r["exposure"][key][field] for r in rows], dtype=torch.float64)
         threshold = rows[0]["exposure"][key]["threshold"]
         value = f"{auroc(scores, positives):.3f}" if both else "- (needs clean and backdoored)"
         correct = float(((scores > threshold) == positives).float().mean())
-        lines.append(f"| {name} | {int((~positives).sum())} | {int(positives.sum())} | {value} | "
-                     f"{100 * correct:.1f}% | {threshold} |")
-    return "\n".join(lines)
+        table.append([name, int((~positives).sum()), int(positives.sum()), value, f"{100 * correct:.1f}%",
+                      threshold])
+    return "Backdoored-model detection over these subjects:\n\n" + render_table(table, markdown=True)
 
 
 def _trigger_table(rows: list[dict]) -> str:
-    lines = ["Neural Cleanse's search for the named class, on the unlearned / the original model:", "",
-             "| subject | class searched | mask L1 | IoU | mass on trigger | success on original % | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    table = [["subject", "class searched", "mask L1", "IoU", "mass on trigger", "success on original %",
+              "seconds"]]
 
     def pair(u, o, digits=2):
         return "-" if u is None else f"{u:.{digits}f} / {o:.{digits}f}"
@@ -230,16 +220,15 @@ def _trigger_table(rows: list[dict]) -> str:
     for r in rows:
         t = r["exposure"]["trigger"]
         u, o = t["models"]["unlearned"], t["models"]["original"]
-        lines.append(f"| {_subject(r)} | {t['target']} | {pair(u['norm'], o['norm'], 1)} | "
-                     f"{pair(u['iou'], o['iou'])} | {pair(u['mass_on_trigger'], o['mass_on_trigger'])} | "
-                     f"{pair(100 * u['success'], 100 * o['success'], 1)} | {pair(u['seconds'], o['seconds'], 0)} |")
-    return "\n".join(lines)
+        table.append([_subject(r), t["target"], pair(u["norm"], o["norm"], 1), pair(u["iou"], o["iou"]),
+                      pair(u["mass_on_trigger"], o["mass_on_trigger"]),
+                      pair(100 * u["success"], 100 * o["success"], 1), pair(u["seconds"], o["seconds"], 0)])
+    return ("Neural Cleanse's search for the named class, on the unlearned / the original model:\n\n"
+            + render_table(table, markdown=True))
 
 
 def _samples_table(rows: list[dict]) -> str:
-    lines = ["Poisoned-sample detection (AUROC / TPR at 5% FPR):", "",
-             "| subject | poisoned / scored | " + " | ".join(SAMPLE_DETECTORS) + " |",
-             "|---" * (len(SAMPLE_DETECTORS) + 2) + "|"]
+    table = [["subject", "poisoned / scored", *SAMPLE_DETECTORS]]
     aurocs, seconds = defaultdict(list), defaultdict(list)
     for r in rows:
         samples = r["exposure"]["samples"]
@@ -247,23 +236,24 @@ def _samples_table(rows: list[dict]) -> str:
         for name, d in found.items():
             aurocs[name].append(d["auroc"])
             seconds[name].append(d["seconds"])
-        lines.append(f"| {_subject(r)} | {samples['poisoned']} / {samples['scored']} | " + " | ".join(
-            f"{found[n]['auroc']:.3f} / {found[n]['tpr_at_5_fpr']:.2f}" if n in found else "-"
-            for n in SAMPLE_DETECTORS) + " |")
+        table.append([_subject(r), f"{samples['poisoned']} / {samples['scored']}",
+                      *(f"{found[n]['auroc']:.3f} / {found[n]['tpr_at_5_fpr']:.2f}" if n in found else "-"
+                        for n in SAMPLE_DETECTORS)])
     for title, values, digits in (("mean AUROC", aurocs, 3), ("mean seconds", seconds, 0)):
-        lines.append(f"| {title} | | " + " | ".join(
-            f"{statistics.mean(values[n]):.{digits}f}" if values[n] else "-" for n in SAMPLE_DETECTORS) + " |")
-    return "\n".join(lines)
+        table.append([title, "", *(f"{statistics.mean(values[n]):.{digits}f}" if values[n] else "-"
+                                   for n in SAMPLE_DETECTORS)])
+    return "Poisoned-sample detection (AUROC / TPR at 5% FPR):\n\n" + render_table(table, markdown=True)
 
 
 def _cleansing_table(rows: list[dict]) -> str:
-    lines = ["Cleansing: the samples the unlearned model flags dropped, the model retrained:", "",
-             "| subject | flagged | poisoned caught | false positives | before CA / ASR | retrained CA / ASR | "
-             "retrain seconds |", "|---|---|---|---|---|---|---|"]
+    table = [["subject", "flagged", "poisoned caught", "false positives", "before CA / ASR", "retrained CA / ASR",
+              "retrain seconds"]]
     for r in rows:
         c, before = r["exposure"]["cleansing"], r["before"]
-        lines.append(f"| {_subject(r)} | {c['flagged']} | {c['flagged_poisoned']} of {c['poisoned']} | "
-                     f"{100 * c['false_positive_rate']:.1f}% | {_pct(before['clean_accuracy'])} / "
-                     f"{_pct(before['attack_success_rate'])} | {_pct(c['after']['clean_accuracy'])} / "
-                     f"{_pct(c['after']['attack_success_rate'])} | {c['retrain_seconds']:.0f} |")
-    return "\n".join(lines)
+        table.append([_subject(r), c["flagged"], f"{c['flagged_poisoned']} of {c['poisoned']}",
+                      f"{100 * c['false_positive_rate']:.1f}%",
+                      f"{_pct(before['clean_accuracy'])} / {_pct(before['attack_success_rate'])}",
+                      f"{_pct(c['after']['clean_accuracy'])} / {_pct(c['after']['attack_success_rate'])}",
+                      f"{c['retrain_seconds']:.0f}"])
+    return ("Cleansing: the samples the unlearned model flags dropped, the model retrained:\n\n"
+            + render_table(table, markdown=True))

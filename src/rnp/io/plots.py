@@ -16,8 +16,6 @@ colours with another line style.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import torch
 
 from rnp.errors import RnpError
 from rnp.io.files import atomic_path, write_text
+from rnp.io.tables import csv_text
 
 PALETTE = ("#3f90da", "#ffa90e", "#bd1f01", "#94a4a2", "#832db6",
            "#a96b59", "#e76300", "#b9ac70", "#717581", "#92dadd")
@@ -46,7 +45,8 @@ or histogram group (empty for bars); ``x`` a bar's label, a line's x or a bin's 
 ``y_max`` the range drawn as a bar's error bar (its smallest and largest value, e.g. over seeds;
 empty for a single value); ``n`` how many values ``y`` summarises (a bar's values, a bin's
 samples; empty for a line's point)."""
-CSV_HEADER = ",".join(CSV_COLUMNS)
+CSV_HEADER = csv_text(CSV_COLUMNS, []).rstrip("\n")
+"""The first line of every figure CSV, as :func:`figure_csv` writes it: how ``--force`` knows one."""
 
 MISSING_MATPLOTLIB = ("figures need matplotlib: pip install 'rnp-backdoor[plots]' "
                       "(the plotted data is in the .csv beside each figure)")
@@ -339,15 +339,9 @@ def draw(figure: Figure):
 
 
 def figure_csv(figure: Figure) -> str:
-    """The plotted series (:data:`CSV_COLUMNS`), written with :mod:`csv` so that names holding
-    commas or quotes survive; floats in Python's shortest exact form."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in figure.rows():
-        writer.writerow({key: "" if value is None else repr(value) if isinstance(value, float) else value
-                         for key, value in row.items()})
-    return buffer.getvalue()
+    """The plotted series (:data:`CSV_COLUMNS`) through :func:`rnp.io.tables.csv_text`, so that
+    names holding commas or quotes survive; floats in Python's shortest exact form."""
+    return csv_text(CSV_COLUMNS, ([row[column] for column in CSV_COLUMNS] for row in figure.rows()))
 
 
 def write_figure(figure: Figure, stem) -> bool:
