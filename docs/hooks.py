@@ -3,7 +3,8 @@
 A page asks for a part with a marker comment on a line of its own:
 
 * ``<!-- rnp:cli -->``: every ``rnp`` subcommand with its options and help, read from the
-  argparse parser of ``rnp.cli.main``;
+  argparse parser of ``rnp.cli.main`` (for ``rnp defend``, also the options that only another
+  method than RNP takes);
 * ``<!-- rnp:config -->``: one table per config dataclass (field, type, default, description);
   the descriptions are the fields' docstrings, which are also the options' ``--help``;
 * ``<!-- rnp:docstrings attacks|defenses|detectors -->``: the module docstring of every
@@ -78,8 +79,38 @@ def cli_reference() -> str:
                        "`rnp defend --method NAME` takes the settings of defense NAME instead, "
                        "one option per field of its config class: see "
                        "[Configuration](configuration.md)."), ""]
+            parts += _method_only_options()
         parts += _option_tables(sub)
     return "\n".join(parts)
+
+
+def _defend_options(method: str) -> dict[str, argparse.Action]:
+    """The options of ``rnp defend --method METHOD`` that are not fields of its config class."""
+    parser = build_parser(method)
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    config_group = f"{DEFENSES[method].config_class.__name__} settings"
+    return {action.option_strings[0]: action
+            for group in subcommands.choices["defend"]._action_groups if group.title != config_group
+            for action in group._group_actions if action.option_strings and action.help != argparse.SUPPRESS}
+
+
+def _method_only_options() -> list[str]:
+    """A table of the options that only another defense's ``rnp defend`` takes (beyond its
+    config fields), such as Neural Cleanse's ``--budget``; empty when there are none."""
+    shown = _defend_options("rnp")
+    rows = []
+    for method in sorted(DEFENSES):
+        formatter = build_parser(method)._get_formatter()
+        for flag, action in _defend_options(method).items():
+            if flag not in shown:
+                value = " {" + ",".join(map(str, action.choices)) + "}" if action.choices else ""
+                default = f"`{_cell(action.default)}`" if action.default not in (None, False) else ""
+                rows.append(f"| `--method {method}` | `{flag}{value}` | {default} | "
+                            f"{_cell(formatter._expand_help(action))} |")
+    if not rows:
+        return []
+    return ["**Options of another method only**", "", "| method | option | default | help |",
+            "|---|---|---|---|", *rows, ""]
 
 
 def _option_tables(parser: argparse.ArgumentParser) -> list[str]:
