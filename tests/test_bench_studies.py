@@ -152,7 +152,7 @@ def test_a_defense_row_takes_its_own_clean_seeds(data):
     ({"exposure": {"samples": 0}, "retuning": None}, "exposure: samples takes integers >= 1"),
     ({"exposure": {"budget": 3}}, "exposure has no setting budget"),
     ({"exposure": {"cleanse": "no"}}, "exposure.cleanse takes true or false"),
-    ({"attacks": ["none"], "retuning": None}, "the attack 'none' \\(a clean subject\\)"),
+    ({"attacks": ["none"]}, "the attack 'none' \\(a clean subject\\) has no backdoor to re-tune"),
     ({"attacks": [{"name": "none", "size": 3}], "exposure": True, "retuning": None}, "takes only 'seeds'"),
     ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poisoning rate"),
     ({"attacks": [{"name": "badnets", "seeds": []}]}, "attacks.badnets.seeds is a non-empty list"),

@@ -336,9 +336,8 @@ def _check_measurements(grid: Grid) -> None:
     if grid.prune_counts and ("rnp" not in defenses or not grid.curve_images):
         raise RnpError("'prune_counts' measures RNP's ranking on the curve_images test subset: "
                        "it needs an rnp defense and curve_images > 0")
-    if any(attack == NO_ATTACK for attack, _ in grid.attacks) and (not grid.exposure or grid.retuning):
-        raise RnpError("the attack 'none' (a clean subject) is there for the 'exposure' measurement: "
-                       "the grid needs 'exposure' and no 'retuning'")
+    if any(attack == NO_ATTACK for attack, _ in grid.attacks) and grid.retuning:
+        raise RnpError("the attack 'none' (a clean subject) has no backdoor to re-tune: remove 'retuning'")
 
 
 def _datasets(raw, base: Path) -> dict[str, str]:
