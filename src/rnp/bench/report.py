@@ -289,7 +289,7 @@ def figures(records: list[dict]) -> dict[str, Figure]:
             Lines({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["prefix_curve"]],
                    "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["prefix_curve"]]},
                   x=[p["count"] for p in r["rnp"]["prefix_curve"]],
-                  title=f"RNP ranking: {_name(r, ranked)}, {r['label']['defense']} (oracle analysis)",
+                  title=f"RNP ranking: {_name(r, ranked, RANKING_KEYS)}, {r['label']['defense']} (oracle analysis)",
                   xlabel="channels pruned in mask order", ylabel="% of test subset")
             for r in ranked], columns=3)
     exposed = [r for r in ok if "exposure" in r]
@@ -303,11 +303,17 @@ def figures(records: list[dict]) -> dict[str, Figure]:
     return found
 
 
-def _name(record: dict, group: list[dict], keys: tuple[str, ...] = ("model", "dataset", "seed")) -> str:
-    """The attack, with those of ``keys`` (model, dataset, seed) the group has several of."""
+RANKING_KEYS = ("model", "dataset", "seed", "clean_seed")
+"""What tells RNP ranking panels apart besides the defense row, which their titles always name."""
+
+
+def _name(record: dict, group: list[dict],
+          keys: tuple[str, ...] = ("model", "dataset", "seed", "clean_seed", "defense")) -> str:
+    """The attack, with those of ``keys`` (model, dataset, seed, clean seed, defense row) the
+    group has several of, so that no two records of the group share a name."""
     label = record["label"]
     parts = [label["attack"]]
     for key in keys:
-        if len({r["label"][key] for r in group}) > 1:
-            parts.append(f"{key} {label[key]}")
+        if len({r["label"].get(key) for r in group}) > 1:
+            parts.append(f"{key.replace('_', ' ')} {label.get(key)}")
     return ", ".join(map(str, parts))

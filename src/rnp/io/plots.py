@@ -228,7 +228,7 @@ class Lines:
                     linewidth=3.0 if chosen else 1.5, zorder=3 if chosen else 2,
                     marker="o" if len(y) <= MAX_MARKED_POINTS else None, markersize=3)
         _style(ax, self.title, self.xlabel, self.ylabel)
-        if self.x is None:  # steps: whole-number ticks, also for a single step
+        if self.x is None or all(float(v).is_integer() for v in self.x):  # steps or counts: whole-number ticks
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
