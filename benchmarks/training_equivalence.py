@@ -3,12 +3,13 @@
 Cached benchmark subjects are keyed on the fingerprint of the training code
 (:func:`rnp.runs.fingerprint.training_fingerprint`), so any edit to it, a docstring or a moved
 helper included, would retrain every subject (hours each). This script trains small canary
-subjects with both revisions, through the stable ``rnp train`` command, in separate processes:
-every attack of the suite plus a clean model, width 4, one epoch on 500 images of the packaged
-demo data, in float32 and in bfloat16 with channels-last. It compares the trained tensors and
-the poisoned indices bit for bit. When all match, it prints the line that declares the two
-fingerprints equivalent in :data:`rnp.runs.fingerprint.EQUIVALENT_TRAINING_CODE`, so the cache
-reuses the older subjects; when any differs it says which, and the subjects must be retrained.
+subjects with both revisions, through the stable ``rnp train`` command, one process per
+revision: every attack of the suite plus a clean model, width 4, one epoch on 200 images of the
+packaged demo data (the costly attacks with fewer generator steps), in float32 and in bfloat16
+with channels-last. It compares the trained tensors and the poisoned indices bit for bit. When
+all match, it prints the line that declares the two fingerprints equivalent in
+:data:`rnp.runs.fingerprint.EQUIVALENT_TRAINING_CODE`, so the cache reuses the older subjects;
+when any differs it says which, and the subjects must be retrained.
 
     python benchmarks/training_equivalence.py --against d6c0cd7
 """
@@ -29,11 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = ("none", "badnets", "blend", "trojan", "sig", "wanet", "input_aware", "lira",
            "low_frequency", "bpp", "adaptive_blend", "label_consistent")
 MODES = {"fp32": ["--amp", "off"], "bf16-cl": ["--amp", "on", "--channels-last"]}
-FINGERPRINT = ("try:\n from rnp.runs.fingerprint import training_fingerprint\n"
-               "except ImportError:\n from rnp.bench.fingerprint import training_fingerprint\n"
-               "print(training_fingerprint())")
-"""Prints a checkout's training fingerprint (its module moved from rnp.bench to rnp.runs)."""
-PER_CLASS = (50, 10)
+CHEAP = {"input_aware": ["--trigger", "mask_epochs=1", "--trigger", "generator_width=8"],
+         "lira": ["--trigger", "generator_width=8"], "label_consistent": ["--trigger", "steps=2"]}
+"""Attack settings that keep a canary cheap: the code paths run, only fewer steps or channels."""
+PER_CLASS = (20, 5)
 """Canary training and test images per class, taken from the packaged demo data."""
 
 
@@ -80,33 +80,46 @@ def canary_data(path: Path) -> Path:
 
 
 def train_canaries(src: Path, data: Path, out: Path) -> dict:
-    """Trains every canary with the code under ``src``; their tensor and poisoned-index hashes."""
+    """Trains every canary with the code under ``src`` in one child process (its ``--worker``
+    mode, which imports that code); its training fingerprint and the canaries' hashes."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    code = subprocess.run([sys.executable, "-c", FINGERPRINT], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    result = subprocess.run([sys.executable, __file__, "--worker", str(data), str(out)], env=env, check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def worker(data: str, out: str) -> None:
+    """Trains the canaries with the ``rnp`` on this process's path and prints their hashes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rnp.cli.main import main as rnp
+    try:
+        from rnp.runs.fingerprint import training_fingerprint
+    except ImportError:  # before the run-folder code moved to rnp.runs
+        from rnp.bench.fingerprint import training_fingerprint
+    torch.set_num_threads(1)
     hashes = {}
     for mode, flags in MODES.items():
         for attack in ATTACKS:
-            run = out / f"{attack}-{mode}"
-            extra = ["--reference-run", str(out / f"none-{mode}")] if attack == "label_consistent" else []
-            subprocess.run([sys.executable, "-m", "rnp.cli.main", "train", "--data", str(data), "--attack", attack,
-                            "--width", "4", "--epochs", "1", "--batch-size", "50", "--quiet", "--device", "cpu",
-                            "--cache-dir", str(out / "cache"), "--out", str(run), *flags, *extra],
-                           env=env, check=True, capture_output=True)
-            hashes[f"{attack}/{mode}"] = run_hash(run, env)
-    return {"code": code, "hashes": hashes}
-
-
-def run_hash(run: Path, env: dict) -> str:
-    """The sha256 of a run's trained tensors (names, dtypes, values) and its poisoned indices."""
-    script = ("import hashlib,sys; from safetensors.torch import load_file; t=load_file(sys.argv[1]); "
-              "h=hashlib.sha256(); [h.update(k.encode()+str(t[k].dtype).encode()+t[k].numpy().tobytes()) "
-              "for k in sorted(t)]; print(h.hexdigest())")
-    tensors = subprocess.run([sys.executable, "-c", script, str(run / "model.safetensors")], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip()
-    indices = hashlib.sha256((run / "poisoned_indices.txt").read_bytes()).hexdigest()
-    return json.dumps([tensors, indices])
+            run = Path(out) / f"{attack}-{mode}"
+            extra = [*CHEAP.get(attack, []),
+                     *(["--reference-run", str(Path(out) / f"none-{mode}")] if attack == "label_consistent" else [])]
+            code = rnp(["train", "--data", data, "--attack", attack, "--width", "4", "--epochs", "1",
+                        "--batch-size", "50", "--quiet", "--device", "cpu", "--cache-dir", str(Path(out) / "cache"),
+                        "--out", str(run), *flags, *extra])
+            if code:
+                raise SystemExit(f"canary {attack}/{mode} failed")
+            tensors = load_file(run / "model.safetensors")
+            digest = hashlib.sha256((run / "poisoned_indices.txt").read_bytes())
+            for name in sorted(tensors):
+                digest.update(name.encode() + str(tensors[name].dtype).encode() + tensors[name].numpy().tobytes())
+            hashes[f"{attack}/{mode}"] = digest.hexdigest()
+    print(json.dumps({"code": training_fingerprint(), "hashes": hashes}))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(*sys.argv[2:4])
+    else:
+        main()
