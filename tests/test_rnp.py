@@ -113,6 +113,39 @@ def test_same_seed_gives_identical_masks_and_another_seed_differs(trained, clean
     assert not torch.equal(other.masks.values, result.masks.values)
 
 
+def forward_dtypes(model: nn.Module) -> list[tuple[bool, torch.dtype]]:
+    """Hooks the first convolution of ``model`` (the hook travels into RNP's copies) and
+    returns the list it fills with (train mode, output dtype) for every forward pass."""
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    return seen
+
+
+def test_amp_on_unlearns_and_recovers_in_bfloat16_and_still_prunes(trained, clean):
+    model = copy.deepcopy(trained)
+    seen = forward_dtypes(model)
+    result = RNP(**FAST, seed=3, amp="on", recover_lr=0.2, prune_rule="threshold", threshold=0.95).fit(model, clean)
+    optimising = {dtype for training, dtype in seen if training}
+    assert optimising == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}  # the pruning rule
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert result.masks.values.dtype == torch.float32
+    assert 0 < result.report["pruning"]["pruned"] < len(result.masks)
+    assert result.report["unlearning"]["reached_threshold"]
+
+
+def test_amp_off_is_the_float32_result_bit_for_bit(trained, clean, result):
+    model = copy.deepcopy(trained)
+    seen = forward_dtypes(model)
+    off = RNP(**FAST, seed=3, amp="off").fit(model, clean)
+    assert {dtype for _, dtype in seen} == {torch.float32}
+    assert torch.equal(off.masks.values, result.masks.values)
+    assert torch.equal(off.artifacts["order"], result.artifacts["order"])
+    assert off.report["unlearning"]["per_step"] == result.report["unlearning"]["per_step"]
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in off.model.state_dict().items())
+
+
 def test_threshold_sets_the_pruned_count(trained, clean):
     counts = []
     for threshold in (0.5, 0.95):
@@ -198,5 +231,7 @@ def test_bad_inputs_are_refused(trained, clean):
         RNP(**FAST).fit(trained, six_classes)
     with pytest.raises(RnpError):
         RNPConfig(prune_rule="median")
+    with pytest.raises(RnpError, match="amp"):
+        RNPConfig(amp="bf16")
     with pytest.raises(RnpError):
         RNP(preset="fast")

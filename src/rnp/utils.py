@@ -95,6 +95,21 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
+AMP_MODES = ("auto", "on", "off")
+
+
+def uses_amp(mode: str, device: torch.device | str) -> bool:
+    """Whether the mixed-precision setting ``mode`` (one of ``AMP_MODES``) computes in low
+    precision on ``device``: "auto" on CUDA only, "on" everywhere, "off" never. Training and the
+    defenses that optimise share this one rule. A mode that would use it where
+    :func:`torch.autocast` is not available is an :class:`RnpError`."""
+    device = torch.device(device)
+    mixed = mode == "on" or (mode == "auto" and device.type == "cuda")
+    if mixed and not torch.amp.is_autocast_available(device.type):
+        raise RnpError(f"mixed precision is not available on {device.type}; use amp off")
+    return mixed
+
+
 def amp_dtype(device: torch.device | str) -> torch.dtype:
     """The low-precision type of mixed precision on ``device``: float16 on CUDA (the type its
     tensor cores and :class:`torch.amp.GradScaler` are made for), bfloat16 elsewhere (the type

@@ -20,6 +20,12 @@ differently; it is off by default so that a seed keeps giving the same result. `
 was measured too and left out: compiling the training step took longer (about 40 s) than a
 whole default RNP run on CIFAR-10 (about 20 s).
 
+Precision: ``amp`` runs the forward passes of unlearning and recovering under
+:func:`torch.autocast` (float16 with loss scaling on CUDA, bfloat16 on the CPU), with the same
+modes as :class:`rnp.training.TrainConfig`; weights and masks stay float32 parameters. The
+default "auto" keeps the CPU in float32, so a seed's result there is what it always was;
+``benchmarks/amp_parity.py`` measures what bfloat16 changes and saves.
+
 ``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
 field says so, and the documentation (docs/method/) lists the measurements.
@@ -45,7 +51,7 @@ from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import check_config, generator_for, progress_bar
+from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, uses_amp
 
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
@@ -110,6 +116,10 @@ class RNPConfig:
     channels_last: bool = field(default=False, metadata={"omit_default": True})
     """Unlearn and recover with channels-last weights: speed only, not in the paper; off by default
     so that a seed keeps giving the same result (left out of records at its default)."""
+    amp: str = field(default="auto", metadata={"omit_default": True})
+    """Mixed precision of unlearning and recovering: auto (CUDA only, float16 with loss scaling),
+    on (also the CPU, bfloat16, which changes the results) or off; not in the paper; left out of
+    records at auto."""
     seed: int = 0
     """Seeds the batch order and augmentation of unlearning and recovering."""
 
@@ -117,7 +127,8 @@ class RNPConfig:
         check_config(self)
         for name, value, choices in (("stop_check", self.stop_check, STOP_CHECKS),
                                      ("tie_break", self.tie_break, TIE_BREAKS),
-                                     ("prune_rule", self.prune_rule, PRUNE_RULES)):
+                                     ("prune_rule", self.prune_rule, PRUNE_RULES),
+                                     ("amp", self.amp, AMP_MODES)):
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.unlearn_milestones = tuple(int(m) for m in self.unlearn_milestones)
@@ -214,6 +225,7 @@ class RNP(RemovalDefense):
         An ascent that overflowed the weights is an :class:`RnpError`: its masks would be NaN.
         """
         cfg = self.config
+        scaler = self._grad_scaler(device)
         model = copy.deepcopy(original)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -236,7 +248,7 @@ class RNP(RemovalDefense):
                     group["lr"] = cfg.unlearn_lr_at(epoch)
                 stats = run_epoch(model, clean, optimizer, batch_size=cfg.batch_size,
                                   generator=generator, augment=cfg.augment, ascent=True,
-                                  after_step=after_step, progress=bar, device=device)
+                                  after_step=after_step, progress=bar, device=device, scaler=scaler)
                 epochs.append({"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy})
                 if stats.stopped or (cfg.stop_check == "epoch"
                                      and stats.accuracy <= cfg.clean_threshold):
@@ -258,9 +270,11 @@ class RNP(RemovalDefense):
         """Stage 2: learn per-channel masks on a copy of the unlearned model, weights frozen.
 
         Returns the masks and, per channel, the summed gradient of the loss on its mask (how
-        hard descent pushed it towards 0), the tie-break among equal masks.
+        hard descent pushed it towards 0), the tie-break among equal masks. In mixed precision a
+        step the gradient scaler skipped (its gradients overflowed) adds nothing to that sum.
         """
         cfg = self.config
+        scaler = self._grad_scaler(device)
         model = copy.deepcopy(unlearned).requires_grad_(False)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -270,7 +284,9 @@ class RNP(RemovalDefense):
         push = torch.zeros(sum(p.numel() for p in masks.parameters))
 
         def after_step(info: StepInfo) -> bool:
-            push.add_(masks.flat_grad().cpu())
+            grad = masks.flat_grad()
+            if scaler is None or bool(torch.isfinite(grad).all()):
+                push.add_(grad.cpu())
             masks.clamp_(0.0, 1.0)
             return False
 
@@ -280,8 +296,14 @@ class RNP(RemovalDefense):
             for _ in range(cfg.recover_epochs):
                 run_epoch(model, clean, optimizer, batch_size=cfg.batch_size, generator=generator,
                           augment=cfg.augment, loss_scale=cfg.alpha, after_step=after_step,
-                          progress=bar, device=device)
+                          progress=bar, device=device, scaler=scaler)
         return masks.scores(), push
+
+    def _grad_scaler(self, device) -> torch.amp.GradScaler | None:
+        """A fresh gradient scaler for a stage's :func:`run_epoch` where ``amp`` computes in low
+        precision on ``device`` (which makes the stage run under autocast), else None: float32."""
+        device = torch.device(device)
+        return torch.amp.GradScaler(device.type) if uses_amp(self.config.amp, device) else None
 
     def choose_pruning(self, original: nn.Module, clean: ImageSet, scores: ChannelScores,
                        order: torch.Tensor, device) -> tuple[int, dict]:

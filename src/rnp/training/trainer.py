@@ -18,10 +18,10 @@ from rnp.io.checkpoint import load_checkpoint, save_checkpoint
 from rnp.progress import Progress
 from rnp.training.hooks import TrainingHook
 from rnp.training.loop import EpochStats, run_epoch
-from rnp.utils import check_config, config_record, generator_for, progress_bar, resolve_device
+from rnp.utils import (AMP_MODES, check_config, config_record, generator_for, progress_bar, resolve_device,
+                       uses_amp)
 
 SCHEDULES = ("cosine", "multistep", "constant")
-AMP_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -94,7 +94,7 @@ class TrainConfig:
 
     def uses_amp(self, device: torch.device) -> bool:
         """Whether training on ``device`` runs in mixed precision."""
-        return self.amp == "on" or (self.amp == "auto" and device.type == "cuda")
+        return uses_amp(self.amp, device)
 
 
 def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *,
@@ -114,8 +114,6 @@ def train(model: nn.Module, data: ImageSet, config: TrainConfig | None = None, *
     config = config or TrainConfig()
     device = resolve_device(device)
     mixed = config.uses_amp(device)
-    if mixed and not torch.amp.is_autocast_available(device.type):
-        raise RnpError(f"mixed precision is not available on {device.type}; use amp off")
     torch.manual_seed(config.seed)
     model.to(device)
     if config.channels_last:
