@@ -33,6 +33,8 @@ EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {
     # 2026-12-05: the re-layering (rnp.runs, probes, tables), docstrings and progress estimates;
     # 24 of 24 canaries identical against c89da19 (benchmarks/training_equivalence.py)
     "c08c2480d48d": ("61ddfb885c65",),
+    # 2026-12-05: one amp rule in rnp.utils shared by training and RNP; 24 of 24 identical vs c89da19
+    "d94a7af75c3c": ("61ddfb885c65",),
 }
 """Training fingerprints verified to train the same models as older ones: ``{newer: (older,
 ...)}``. An entry is added only after ``benchmarks/training_equivalence.py --against REV`` found
