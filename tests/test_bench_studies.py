@@ -179,3 +179,10 @@ def test_grid_records_describe_only_the_measurements_that_are_on(data):
     plain = parse_grid(grid_dict(data, retuning=None)).cells({"tiny": "sum"})
     assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure"} & set(
         json.loads(json.dumps(plain[0].describe())))
+
+
+def test_quiet_grid_shows_no_training_bars(data, tmp_path, capsys):
+    grid = write_grid(tmp_path / "quiet.yaml", grid_dict(data, name="quiet", defenses={"none": {}}, retuning=None,
+                                                         output=str(tmp_path / "out")))
+    assert main(["bench", str(grid), "--cache", str(tmp_path / "models"), "--device", "cpu", "--quiet"]) == 0
+    assert "epoch 1/1" not in capsys.readouterr().err

@@ -82,14 +82,15 @@ def _setting_key(description: dict) -> str:
 
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
              device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
-             defenses: list[str] | None = None, trained_only: bool = False, log=None) -> GridRun:
+             defenses: list[str] | None = None, trained_only: bool = False, progress: bool = True,
+             log=None) -> GridRun:
     """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
 
     ``defenses`` (row names, e.g. ``["none"]``) runs only those rows; ``trained_only`` trains
     nothing and skips the cells whose subject the cache does not hold finished. Together they
     let one process train a grid's subjects (``defenses=["none"]``) while another defends those
-    already trained (``trained_only``). ``log(line)`` reports progress (default: the
-    ``rnp.bench.runner`` logger, at INFO)."""
+    already trained (``trained_only``). ``progress`` shows the training bars of the local
+    executor. ``log(line)`` reports progress (default: the ``rnp.bench.runner`` logger, at INFO)."""
     log = log or logger.info
     start = time.perf_counter()
     cells = grid_cells(grid, data_cache)
@@ -110,7 +111,7 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
     else:
         runner = EXECUTORS[executor]()
     prepare = functools.partial(prepare_subject, cache=str(cache), data_cache=data_cache, device=device,
-                                progress=executor == "local", train=not trained_only, log=log)
+                                progress=progress and executor == "local", train=not trained_only, log=log)
     execute = functools.partial(run_cell, data_cache=data_cache, device=device, threads=threads)
     result = GridRun(records=[])
     cells_start = time.perf_counter()
