@@ -190,3 +190,13 @@ def test_an_unknown_defense_row_is_a_one_line_error(data, tmp_path):
     with pytest.raises(RnpError, match="no defense row 'rnp'; its rows: ft, none"):
         run_grid(small_grid(data, defenses={"none": {}, "ft": FT_FAST}), tmp_path / "out",
                  cache=tmp_path / "models", defenses=["rnp"], log=lambda line: None)
+
+
+def test_two_training_runs_share_out_the_subjects(data, tmp_path):
+    grid = small_grid(data, attacks=["badnets", "blend"])
+    out, cache = tmp_path / "out", tmp_path / "models"
+    first = run_grid(grid, out, cache=cache, subjects=["blend"], log=lambda line: None)
+    assert [r["label"]["attack"] for r in first.records] == ["blend"]
+    assert len(list(cache.glob("*/model.safetensors"))) == 1
+    with pytest.raises(RnpError, match="no subject 'trojan'; its subjects: badnets, blend"):
+        run_grid(grid, out, cache=cache, subjects=["trojan"], log=lambda line: None)

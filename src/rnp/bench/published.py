@@ -1,6 +1,6 @@
 """Published reference numbers to put beside a grid's (``rnp bench --compare``).
 
-Two sources, as collected in the project's RNP specification (section 10):
+Three sources; the first two as collected in the project's RNP specification (section 10):
 
 * The BackdoorBench leaderboard (Wu et al., "BackdoorBench: A Comprehensive Benchmark of
   Backdoor Learning", NeurIPS 2022 Datasets and Benchmarks; ``static/data/results.csv`` of
@@ -9,6 +9,12 @@ Two sources, as collected in the project's RNP specification (section 10):
 * The official RNP log (Li et al., ICML 2023; the authors' README run): CIFAR-10, ResNet-18,
   BadNets 10%, target 0, 500 clean images; CA there is measured on the 9,000 non-target test
   images, so ours is put beside it on the same images (``ca_metric``).
+* A published reproduction of RNP at full scale: Karim et al., "Augmented Neural Fine-Tuning for
+  Efficient Backdoor Purification" (NFT), ECCV 2024, arXiv 2407.10052, Table 1: CIFAR-10, 1% of
+  the training set as clean data, the network most likely PreAct-ResNet18. Its RNP row is put
+  beside both of our RNP rows (defaults and the paper preset); the attacks it shares with ours.
+
+A source's ``cells`` are keyed by the grid's defense label, then attack: (CA, ASR) in percent.
 """
 
 from __future__ import annotations
@@ -52,4 +58,23 @@ RNP_LOG = {
     "notes": {"rnp": "theirs pruned at mask threshold 0.20 (0.30 gives 92.77 / 1.72); ours by the auto rule"},
 }
 
-SOURCES = (BACKDOORBENCH, RNP_LOG)
+_NFT_RNP = {"badnets": (88.46, 2.75), "blend": (91.53, 0.91), "trojan": (87.39, 3.84),
+            "sig": (86.46, 0.51), "label_consistent": (90.38, 6.12), "wanet": (90.26, 8.10),
+            "input_aware": (90.05, 8.61), "lira": (87.59, 11.83), "bpp": (91.37, 9.74)}
+
+NFT_REPRODUCTION = {
+    "source": "NFT (Karim et al., ECCV 2024) Table 1, a published reproduction of RNP, CIFAR-10, 1% clean data",
+    "setting": {"arch": "preact_resnet18", "width": 64, "data": "CIFAR-10 (original PNG)",
+                "clean_set": "500 images", "poison_rate": None},
+    "cells": {
+        "none": {"badnets": (92.96, 100.0), "blend": (94.11, 100.0), "trojan": (89.57, 100.0),
+                 "sig": (88.64, 100.0), "label_consistent": (92.78, 100.0), "wanet": (92.29, 98.64),
+                 "input_aware": (92.52, 100.0), "lira": (92.15, 99.25), "bpp": (93.82, 99.70)},
+        "rnp": _NFT_RNP,
+        "rnp (paper)": _NFT_RNP,
+    },
+    "notes": {"rnp": "their RNP row (recipe not restated there); ours: the package defaults",
+              "rnp (paper)": "their RNP row; ours: the published recipe"},
+}
+
+SOURCES = (BACKDOORBENCH, RNP_LOG, NFT_REPRODUCTION)

@@ -240,8 +240,11 @@ def _differences(record: dict, setting: dict) -> str:
     if "jpeg" in record.get("data_spec", "").lower():
         parts.append(f"data: ours the JPEG copy of CIFAR-10, theirs {setting['data']}")
     rate = record["cell"]["attack_spec"].get("poison_rate")
-    if rate is not None and abs(rate - 0.1) > 1e-9:
-        parts.append(f"poisoning: ours {100 * rate:g}%, theirs 10%")
+    theirs = setting.get("poison_rate", 0.1)
+    if rate is not None and theirs is None:
+        parts.append(f"poisoning: ours {100 * rate:g}%, theirs not stated with the table")
+    elif rate is not None and abs(rate - theirs) > 1e-9:
+        parts.append(f"poisoning: ours {100 * rate:g}%, theirs {100 * theirs:g}%")
     epochs = record["cell"]["train_config"]["epochs"]
     parts.append(f"epochs: ours {epochs}" + (f", theirs {setting['epochs']}" if "epochs" in setting else ""))
     ours = f"{record['cell']['clean_size']} images"

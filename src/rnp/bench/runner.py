@@ -82,11 +82,13 @@ def _setting_key(description: dict) -> str:
 
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
              device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
-             defenses: list[str] | None = None, trained_only: bool = False, progress: bool = True,
-             log=None) -> GridRun:
+             defenses: list[str] | None = None, subjects: list[str] | None = None,
+             trained_only: bool = False, progress: bool = True, log=None) -> GridRun:
     """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
 
-    ``defenses`` (row names, e.g. ``["none"]``) runs only those rows; ``trained_only`` trains
+    ``defenses`` (row names, e.g. ``["none"]``) runs only those rows, ``subjects`` (subject
+    labels as the report prints them, e.g. ``["trojan", "clean"]``) only those subjects, so
+    that two training processes can share out a grid's subjects; ``trained_only`` trains
     nothing and skips the cells whose subject the cache does not hold finished. Together they
     let one process train a grid's subjects (``defenses=["none"]``) while another defends those
     already trained (``trained_only``). ``progress`` shows the training bars of the local
@@ -100,6 +102,12 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         if unknown:
             raise RnpError(f"grid {grid.name} has no defense row {unknown[0]!r}; its rows: {', '.join(sorted(rows))}")
         cells = [cell for cell in cells if (cell.name or cell.defense) in defenses]
+    if subjects is not None:
+        labels = {cell.subject.label for cell in cells}
+        unknown = sorted(set(subjects) - labels)
+        if unknown:
+            raise RnpError(f"grid {grid.name} has no subject {unknown[0]!r}; its subjects: {', '.join(sorted(labels))}")
+        cells = [cell for cell in cells if cell.subject.label in subjects]
     todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]
     log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
         f"({executor} executor; code {package_fingerprint()}, training code {training_fingerprint()})")

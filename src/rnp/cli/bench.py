@@ -39,8 +39,8 @@ def _bench(grid, path: str, args) -> int:
         log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         run = run_grid(grid, out, cache=cache, data_cache=data_cache, executor=args.executor,
                        device=str(device), threads=args.threads, ray_address=args.ray_address,
-                       defenses=args.defenses, trained_only=args.trained_only, progress=not args.quiet,
-                       log=log)
+                       defenses=args.defenses, subjects=args.subjects, trained_only=args.trained_only,
+                       progress=not args.quiet, log=log)
         records, failures = run.records, run.failures
         skipped = f", {len(run.skipped)} skipped (subject not trained yet)" if run.skipped else ""
         print(f"{len(run.computed)} cells computed, {len(records) - len(run.computed)} reused, "

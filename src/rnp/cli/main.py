@@ -162,6 +162,9 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     grid.add_argument("--report-only", action="store_true", help="write the report from finished cells, run nothing")
     grid.add_argument("--defenses", nargs="+", metavar="ROW",
                       help="run only these defense rows of the grid (e.g. `none` to train its subjects)")
+    grid.add_argument("--subjects", nargs="+", metavar="LABEL",
+                      help="run only these subjects (labels as the report prints them, e.g. `trojan` "
+                           "or `clean`), so that two training runs can share out a grid's subjects")
     grid.add_argument("--trained-only", action="store_true",
                       help="train nothing: skip the cells whose subject is not in the cache yet (to defend "
                            "the subjects a training run has finished, beside it)")
