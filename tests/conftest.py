@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import FIXTURE_SEED_VARIABLE, make_synthetic_backdoor, make_synthetic_clean_model
+from rnp.utils import AMP_AUTO_VARIABLE
 
 
 def pytest_addoption(parser):
@@ -18,6 +19,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # amp "auto" computes in bfloat16 on CPUs that have it natively: float32 for the whole suite,
+    # so every machine gets the same results (tests of the rule itself unset it)
+    os.environ[AMP_AUTO_VARIABLE] = "off"
     seed = config.getoption("--fixture-seed")
     if seed is not None:
         os.environ[FIXTURE_SEED_VARIABLE] = str(seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import rnp
+from rnp import utils
 from rnp.bench import grid as grid_module, subjects
 from rnp.bench.grid import parse_grid
 from rnp.bench.report import code_note
@@ -24,6 +25,7 @@ from rnp.errors import RnpError
 from rnp.runs import fingerprint, training as run_training
 from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig
+from rnp.utils import AMP_AUTO_VARIABLE, resolve_precision
 
 from helpers import write_dataset
 from test_bench_grid import FT_FAST, grid_dict
@@ -121,7 +123,7 @@ def legacy_key(data: Path, grid) -> str:
     attack = suite_attack(subject.attack, seed=subject.seed)
     identity = {"rnp_version": "0.1.0", "data": load_dataset(data).checksum, "arch": subject.arch,
                 "width": subject.width, "attack": attack.spec(),
-                "train": config_dict(TrainConfig(**subject.train, seed=subject.seed))}
+                "train": config_dict(resolve_precision(TrainConfig(**subject.train, seed=subject.seed), "cpu"))}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -200,3 +202,31 @@ def test_two_training_runs_share_out_the_subjects(data, tmp_path):
     assert len(list(cache.glob("*/model.safetensors"))) == 1
     with pytest.raises(RnpError, match="no subject 'trojan'; its subjects: badnets, blend"):
         run_grid(grid, out, cache=cache, subjects=["trojan"], log=lambda line: None)
+
+
+def test_cell_and_subject_keys_hold_the_precision_used(data, monkeypatch):
+    """On a CPU with native bfloat16 "auto" is bfloat16, so it must not find float32 records;
+    pinning float32 there finds exactly the keys "auto" had on a CPU without it."""
+    monkeypatch.delenv(AMP_AUTO_VARIABLE)
+
+    def keys(fast: bool, train: dict, rnp: dict) -> tuple[list[str], str]:
+        monkeypatch.setattr(utils, "fast_bfloat16_cpu", lambda: fast)
+        grid = small_grid(data, train=train, defenses={"rnp": {"unlearn_epochs": 1, **rnp}})
+        subject = grid.subjects()[0]
+        spec = subjects._subject_spec(str(data), {"attack": subject.build_attack(),
+                                                  "config": subject.train_config(), "width": 4})
+        return [cell.key for cell in grid.cells({"tiny": "checksum"})], subjects._hash(spec)
+
+    float32 = {"amp": "off", "channels_last": False}
+    cells, subject = keys(False, {"epochs": 1}, {})  # "auto" on a CPU without bfloat16: float32
+    assert keys(True, {"epochs": 1, **float32}, {})[1] == subject
+    assert keys(True, {"epochs": 1, "amp": "off"}, float32)[0] == keys(False, {"epochs": 1, "amp": "off"}, {})[0]
+    bfloat16 = keys(True, {"epochs": 1}, {})
+    assert bfloat16[0] != cells and bfloat16[1] != subject
+    assert keys(True, {"epochs": 1, "amp": "on"}, {})[1] == bfloat16[1]
+    assert keys(True, {"epochs": 1}, {"amp": "on"})[0] == bfloat16[0]
+    # the cell runs the config its key names, wherever it runs
+    monkeypatch.setattr(utils, "fast_bfloat16_cpu", lambda: True)
+    cell = small_grid(data, defenses={"rnp": {}}).cells({"tiny": "checksum"})[0]
+    assert (cell.defense_config().amp, cell.defense_config().channels_last) == ("on", True)
+    assert cell.describe()["defense_config"]["amp"] == "on"

@@ -543,7 +543,7 @@ def _non_default_argv(config_cls) -> tuple[list[str], dict]:
     argv, expected = [], {}
     for field in dataclasses.fields(config_cls):
         flag, kind, default = "--" + field.name.replace("_", "-"), hints[field.name], field.default
-        if kind is bool:
+        if kind is bool or kind == bool | None:
             argv.append(flag if not default else "--no-" + flag[2:])
             expected[field.name] = not default
         elif typing.get_origin(kind) is tuple:

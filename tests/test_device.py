@@ -1,5 +1,6 @@
-"""Devices and mixed precision: ``resolve_device``, the training loop under autocast with a
-gradient scaler, ``TrainConfig.amp`` (validation, run records, resume) and ``--device`` on every
+"""Devices and mixed precision: ``resolve_device``, the amp "auto" rule (the CPU's bfloat16
+answer patched both ways), the training loop under autocast with a gradient scaler,
+``TrainConfig.amp`` (validation, resolved run records, resume) and ``--device`` on every
 subcommand.
 
 The machine running the tests may have no GPU, so the CUDA paths are checked on the CPU: CUDA's
@@ -24,10 +25,11 @@ from helpers import separable_image_set, tiny_cnn
 from rnp.cli.main import build_parser, main
 from rnp.errors import RnpError
 from rnp.io.checkpoint import load_checkpoint
-from rnp.runs.folder import config_dict
+from rnp import utils
+from rnp.runs.folder import config_dict, config_from_dict
 from rnp.training import TrainConfig, run_epoch, train
 from rnp.training.hooks import TrainingHook
-from rnp.utils import amp_dtype, resolve_device
+from rnp.utils import AMP_AUTO_VARIABLE, amp_dtype, resolve_device, resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,12 +91,60 @@ def test_resolve_device_refuses_missing_and_unknown_devices(no_cuda, monkeypatch
             resolve_device(bad)
 
 
-def test_amp_dtype_and_when_auto_uses_amp():
+@pytest.fixture
+def bfloat16_cpu(monkeypatch):
+    """The amp "auto" rule as on a user's machine (the suite's ``RNP_AMP_AUTO=off`` removed),
+    with the CPU's answer to "native bfloat16?" set by calling the fixture with True or False."""
+    monkeypatch.delenv(AMP_AUTO_VARIABLE)
+    return lambda fast: monkeypatch.setattr(utils, "fast_bfloat16_cpu", lambda: fast)
+
+
+def test_amp_dtype_and_when_auto_uses_amp(bfloat16_cpu, monkeypatch):
     assert amp_dtype("cuda") == amp_dtype(torch.device("cuda", 1)) == torch.float16
     assert amp_dtype("cpu") == amp_dtype("mps") == torch.bfloat16
     auto, on, off = TrainConfig(), TrainConfig(amp="on"), TrainConfig(amp="off")
+    bfloat16_cpu(True)
+    assert auto.uses_amp(torch.device("cpu")) and auto.uses_amp(torch.device("cuda"))
+    assert not auto.uses_amp(torch.device("mps"))
+    bfloat16_cpu(False)
     assert auto.uses_amp(torch.device("cuda")) and not auto.uses_amp(torch.device("cpu"))
     assert on.uses_amp(torch.device("cpu")) and not off.uses_amp(torch.device("cuda"))
+    bfloat16_cpu(True)
+    monkeypatch.setenv(AMP_AUTO_VARIABLE, "off")  # float32 for every "auto", "on" still on
+    assert not auto.uses_amp(torch.device("cpu")) and not auto.uses_amp(torch.device("cuda"))
+    assert on.uses_amp(torch.device("cpu"))
+    monkeypatch.setenv(AMP_AUTO_VARIABLE, "fast")
+    with pytest.raises(RnpError, match=AMP_AUTO_VARIABLE):
+        auto.uses_amp(torch.device("cpu"))
+
+
+def test_fast_bfloat16_cpu_asks_torch_and_says_no_where_torch_cannot_tell(monkeypatch):
+    utils.fast_bfloat16_cpu.cache_clear()
+    try:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+        assert utils.fast_bfloat16_cpu()
+        utils.fast_bfloat16_cpu.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert not utils.fast_bfloat16_cpu()
+        utils.fast_bfloat16_cpu.cache_clear()
+        monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # an older torch
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+        assert not utils.fast_bfloat16_cpu()
+    finally:
+        monkeypatch.undo()
+        utils.fast_bfloat16_cpu.cache_clear()
+
+
+def test_channels_last_follows_the_precision_unless_given(bfloat16_cpu):
+    bfloat16_cpu(True)
+    assert resolve_precision(TrainConfig(), "cpu").channels_last
+    assert not resolve_precision(TrainConfig(amp="off"), "cpu").channels_last
+    assert not resolve_precision(TrainConfig(channels_last=False), "cpu").channels_last
+    assert resolve_precision(TrainConfig(amp="off", channels_last=True), "cpu").channels_last
+    assert not resolve_precision(TrainConfig(), "cuda").channels_last  # measured on the CPU only
+    with pytest.raises(RnpError, match="channels_last"):
+        TrainConfig(channels_last="yes")
 
 
 # --- run_epoch with a scaler ---------------------------------------------------------------------
@@ -173,15 +223,33 @@ def test_hooks_penalty_and_after_step_work_in_mixed_precision():
 
 # --- TrainConfig.amp and train() -----------------------------------------------------------------
 
-def test_amp_is_validated_and_left_out_of_records_at_its_default():
+FLOAT32_RECORD = {"epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005,
+                  "schedule": "cosine", "milestones": [10, 20], "gamma": 0.1, "augment": True, "seed": 0}
+"""A float32 training config's record (and cached subject's key) as it was before amp existed."""
+
+
+def test_records_hold_the_precision_used_and_float32_keeps_its_old_record(bfloat16_cpu):
     with pytest.raises(RnpError, match="amp"):
         TrainConfig(amp="fast")
-    # the record (and with it every cached subject's key) of a default config is as before amp
-    assert config_dict(TrainConfig(epochs=10)) == {
-        "epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005,
-        "schedule": "cosine", "milestones": [10, 20], "gamma": 0.1, "augment": True, "seed": 0}
-    assert config_dict(TrainConfig(amp="on"))["amp"] == "on"
-    assert config_dict(TrainConfig(amp="off"))["amp"] == "off"
+
+    def record(device="cpu", **changes):
+        return config_dict(resolve_precision(TrainConfig(epochs=10, **changes), device))
+
+    bfloat16_cpu(False)  # "auto" is float32 here: recorded as every float32 run was
+    assert record() == record(amp="off") == record(amp="off", channels_last=False) == FLOAT32_RECORD
+    assert record(amp="on") == {**FLOAT32_RECORD, "amp": "on", "channels_last": True}
+    assert record("cuda") == {**FLOAT32_RECORD, "amp": "on"}
+    bfloat16_cpu(True)  # "auto" is bfloat16 here: never the float32 record
+    assert record() == {**FLOAT32_RECORD, "amp": "on", "channels_last": True}
+    assert record(amp="off") == FLOAT32_RECORD
+    # the width-32 grid's subjects pinned both: their records, and so their keys, stay as they were
+    pinned = {**FLOAT32_RECORD, "amp": "on", "channels_last": True}
+    assert record(amp="on", channels_last=True) == pinned
+    bfloat16_cpu(False)
+    assert record(amp="on", channels_last=True) == pinned
+    # a record rebuilds the config it describes: left out means float32, not "auto"
+    assert config_from_dict(TrainConfig, FLOAT32_RECORD) == TrainConfig(epochs=10, amp="off", channels_last=False)
+    assert config_from_dict(TrainConfig, pinned) == TrainConfig(epochs=10, amp="on", channels_last=True)
 
 
 def small_config(**changes) -> TrainConfig:
@@ -196,7 +264,7 @@ def test_train_with_amp_on_resumes_to_the_same_weights(tmp_path):
     reference_history = train(reference, data, config, progress=False, device="cpu")
     assert dtypes == {torch.bfloat16}
     full_precision = tiny_cnn(batch_norm=True)
-    train(full_precision, data, small_config(amp="auto"), progress=False)  # auto: off on the CPU
+    train(full_precision, data, small_config(amp="auto"), progress=False)  # float32 in the suite
     assert not torch.equal(full_precision[0].weight, reference[0].weight)
 
     checkpoint = tmp_path / "train.safetensors"

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from helpers import assert_only_channels_zeroed, separable_image_set, tiny_cnn
-from rnp import RNP, RNPConfig
+from rnp import RNP, RNPConfig, utils
 from rnp.data import ImageSet
 from rnp.defenses import MaskSet, batchnorm_layers, prune_channels
 from rnp.errors import RnpError
 from rnp.metrics import accuracy
 from rnp.models import build_model
+from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig, predict, train
+from rnp.utils import AMP_AUTO_VARIABLE, resolve_precision, uses_amp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,6 +136,22 @@ def test_amp_on_unlearns_and_recovers_in_bfloat16_and_still_prunes(trained, clea
     assert result.masks.values.dtype == torch.float32
     assert 0 < result.report["pruning"]["pruned"] < len(result.masks)
     assert result.report["unlearning"]["reached_threshold"]
+    # the report holds the config as it ran: channels-last followed bfloat16 on the CPU
+    assert result.report["config"]["amp"] == "on" and result.report["config"]["channels_last"] is True
+
+
+def test_the_default_follows_the_auto_rule_and_the_paper_preset_stays_float32(monkeypatch):
+    monkeypatch.delenv(AMP_AUTO_VARIABLE)  # the rule as on a user's CPU with native bfloat16
+    monkeypatch.setattr(utils, "fast_bfloat16_cpu", lambda: True)
+    assert RNPConfig().amp == "auto" and uses_amp(RNPConfig().amp, "cpu")
+    assert config_dict(resolve_precision(RNPConfig(), "cpu"))["amp"] == "on"
+    for paper in (RNPConfig.paper(), RNP(preset="paper").config):  # the official code is float32
+        assert paper.amp == "off" and resolve_precision(paper, "cpu") == dataclasses.replace(paper, channels_last=False)
+    assert RNPConfig.paper(amp="auto").amp == "auto"
+    # a float32 RNP config is recorded (and keys grid cells) as before amp existed
+    monkeypatch.setattr(utils, "fast_bfloat16_cpu", lambda: False)
+    for float32 in (RNPConfig(), RNPConfig(amp="off", channels_last=False)):
+        assert not {"amp", "channels_last"} & set(config_dict(resolve_precision(float32, "cpu")))
 
 
 def test_amp_off_is_the_float32_result_bit_for_bit(trained, clean, result):

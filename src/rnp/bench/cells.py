@@ -146,8 +146,7 @@ def _poisoned_train(subject: dict):
 def _defend(cell: Cell, model, clean) -> DefenseResult:
     if cell.defense == NO_DEFENSE:
         return DefenseResult(model, {"method": NO_DEFENSE})
-    defense = DEFENSES[cell.defense]  # the grid's settings are relative to the paper's config
-    return defense(defense.config_class(**cell.settings)).fit(model, clean)
+    return DEFENSES[cell.defense](cell.defense_config()).fit(model, clean)
 
 
 def _load_model(run_dir: str):

@@ -57,6 +57,7 @@ from rnp.models import MODEL_NAMES
 from rnp.runs.fingerprint import package_fingerprint
 from rnp.runs.folder import config_dict
 from rnp.training import TrainConfig
+from rnp.utils import resolve_precision
 
 NO_DEFENSE = "none"
 """The pseudo-defense that returns the model unchanged: the row every other is compared to."""
@@ -133,6 +134,8 @@ class Cell:
     prune_counts: tuple[int, ...] = ()
     attack_properties: bool = False
     exposure: ExposureConfig | None = None
+    device: str = "cpu"
+    """Where the grid runs. The key holds the precision "auto" resolves to there, not the device."""
 
     @property
     def seed(self) -> int:
@@ -155,15 +158,26 @@ class Cell:
             return self.subject.clean_twin()
         return None
 
+    def defense_config(self):
+        """The defense's config (None for no defense), its precision resolved for the cell's
+        device (:func:`rnp.utils.resolve_precision`) where it has one, so the cell computes
+        what its key says wherever it runs."""
+        if self.defense not in DEFENSES:
+            return None
+        config = DEFENSES[self.defense].config_class(**self.settings)
+        return resolve_precision(config, self.device) if hasattr(config, "amp") else config
+
     def describe(self) -> dict:
         """Everything that shapes the result, as JSON-ready data (hashed into the key). The
-        dataset enters by its checksum, not its path, so moving the data keeps the cells."""
-        config = DEFENSES[self.defense].config_class(**self.settings) if self.defense in DEFENSES else None
+        dataset enters by its checksum, not its path, so moving the data keeps the cells. The
+        training and defense configs hold the precision used on the cell's device ("auto"
+        resolved), so a bfloat16 cell never takes a float32 record's place."""
+        config = self.defense_config()
         subject = {k: v for k, v in dataclasses.asdict(self.subject).items() if k != "data_spec"}
         return {"rnp_version": __version__, "code": self.code,
                 "subject": subject, "data_checksum": self.data_checksum,
                 "attack_spec": attack.spec() if (attack := self.subject.build_attack()) else None,
-                "train_config": config_dict(self.subject.train_config()),
+                "train_config": config_dict(resolve_precision(self.subject.train_config(), self.device)),
                 "defense": self.defense,
                 "defense_config": config_dict(config) if config is not None else {},
                 "clean_size": self.clean_size,
@@ -217,9 +231,10 @@ class Grid:
                 for rate in _entry_rates(attack, params, self.poison_rates)
                 for seed in params.get("seeds", self.seeds)]
 
-    def cells(self, checksums: dict[str, str]) -> list[Cell]:
+    def cells(self, checksums: dict[str, str], device: str = "cpu") -> list[Cell]:
         """Every cell, subjects in grid order and defenses in the file's order within each.
-        ``checksums`` maps each dataset name to its data checksum."""
+        ``checksums`` maps each dataset name to its data checksum; ``device`` is where the grid
+        runs (the precision "auto" means there enters the keys)."""
         cells = []
         default = self.clean_seeds or [None]
         every = list(dict.fromkeys([*default, *(s for seeds in self.row_clean_seeds.values() for s in seeds)]))
@@ -235,7 +250,8 @@ class Grid:
                                 self.curve_images, checksums[subject.dataset], name, package_fingerprint(),
                                 clean_seed=clean_seed, repeats=self.repeats,
                                 prune_counts=tuple(self.prune_counts),
-                                attack_properties=self.attack_properties, exposure=self.exposure)
+                                attack_properties=self.attack_properties, exposure=self.exposure,
+                                device=str(device))
                     cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 

@@ -30,6 +30,7 @@ from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr, tpr_at_fpr
 from rnp.models import build_model
+from rnp.runs.folder import config_from_dict
 from rnp.training import TrainConfig, train
 
 
@@ -67,7 +68,7 @@ def measure_exposure(run, model, clean: ImageSet, poisoned: PoisonedSet | None, 
                      *, seed: int) -> dict:
     """The exposure of ``model`` (the subject's, on its device) from the ``clean`` images;
     ``poisoned`` is the subject's training set as it was trained on (None for a clean subject)."""
-    exposure = expose(model, clean)
+    exposure = expose(model, clean, amp="off")  # float32, as before amp existed: its key has no amp
     label, score = detect_target_label(exposure), detect_backdoored_model(exposure)
     attack = run.attack
     result = {"backdoored": attack is not None,
@@ -96,7 +97,7 @@ def _cleanse(run, model, exposure, clean: ImageSet, poisoned: PoisonedSet) -> di
     flagged = scores > threshold
     scoring_seconds = time.perf_counter() - start
     positives = positives_mask(poisoned.poisoned_indices, len(poisoned.data))
-    config = TrainConfig(**run.info["train"])
+    config = config_from_dict(TrainConfig, run.info["train"])
     torch.manual_seed(config.seed)
     retrained = build_model(**run.info["model"])
     device = next(model.parameters()).device

@@ -48,15 +48,17 @@ def cell_path(out, key: str) -> Path:
     return Path(out) / CELLS_FOLDER / f"{key}.json"
 
 
-def grid_cells(grid: Grid, data_cache: str | None = None) -> list[Cell]:
-    """The grid's cells, keyed with each dataset's checksum (decoding each dataset once)."""
+def grid_cells(grid: Grid, data_cache: str | None = None, device: str = "cpu") -> list[Cell]:
+    """The grid's cells on ``device``, keyed with each dataset's checksum (decoding each dataset
+    once)."""
     checksums = {name: load_dataset(spec, cache_dir=data_cache).checksum
                  for name, spec in grid.datasets.items()}
-    return grid.cells(checksums)
+    return grid.cells(checksums, device)
 
 
-def finished_records(grid: Grid, out, data_cache: str | None = None) -> list[dict]:
-    """The records in ``out`` of the grid's cells, in grid order, without running anything.
+def finished_records(grid: Grid, out, data_cache: str | None = None, device: str = "cpu") -> list[dict]:
+    """The records in ``out`` of the grid's cells on ``device``, in grid order, without running
+    anything (on a CPU with native bfloat16, "auto" cells are bfloat16 ones).
     A cell whose record this code has not computed takes the record of the same cell computed
     by other code (same description but for the package fingerprint and version), so the
     committed records re-render after any code change; the report's code note says when the
@@ -66,7 +68,7 @@ def finished_records(grid: Grid, out, data_cache: str | None = None) -> list[dic
         record = read_json(path)
         by_setting.setdefault(_setting_key(record["cell"]), record)
     records = []
-    for cell in grid_cells(grid, data_cache):
+    for cell in grid_cells(grid, data_cache, device):
         path = cell_path(out, cell.key)
         record = read_json(path) if path.exists() else by_setting.get(_setting_key(cell.describe()))
         if record is not None:
@@ -95,7 +97,7 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
     executor. ``log(line)`` reports progress (default: the ``rnp.bench.runner`` logger, at INFO)."""
     log = log or logger.info
     start = time.perf_counter()
-    cells = grid_cells(grid, data_cache)
+    cells = grid_cells(grid, data_cache, device)
     if defenses is not None:
         rows = {cell.name or cell.defense for cell in cells}
         unknown = sorted(set(defenses) - rows)

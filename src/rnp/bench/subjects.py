@@ -37,6 +37,7 @@ from rnp.runs.fingerprint import equivalent_training_codes, training_fingerprint
 from rnp.runs.folder import CHECKPOINT_FILE, MODEL_FILE, config_dict, read_run_info
 from rnp.runs.training import train_run
 from rnp.training import TrainConfig
+from rnp.utils import resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,11 @@ def subject_code(run_dir) -> dict:
 
 
 def _subject_spec(data_spec: str, kwargs: dict) -> dict:
-    """Everything that shapes the model but the code: what the cache key hashes."""
-    attack, config = kwargs.get("attack"), kwargs.get("config") or TrainConfig()
+    """Everything that shapes the model but the code: what the cache key hashes. The training
+    config enters with its precision resolved for the device (as :func:`train_run` records it),
+    so a subject trained in bfloat16 never takes the place of one trained in float32."""
+    attack, device = kwargs.get("attack"), resolve_device(kwargs.get("device", "cpu"))
+    config = resolve_precision(kwargs.get("config") or TrainConfig(), device)
     data = load_dataset(data_spec, cache_dir=kwargs.get("cache_dir"))
     spec = {"data": data.checksum, "arch": kwargs.get("arch", "preact_resnet18"),
             "width": kwargs.get("width", 16), "attack": attack.spec() if attack else None,

@@ -30,7 +30,7 @@ def _bench(grid, path: str, args) -> int:
     cache = args.cache or grid.cache or str(out / "models")
     data_cache = args.cache_dir or grid.data_cache
     if args.report_only:
-        records = finished_records(grid, out, data_cache)
+        records = finished_records(grid, out, data_cache, str(resolve_device(args.device)))
         if not records:
             raise RnpError(f"{out}: no finished cell of the grid {path} yet; run it without --report-only")
         failures = {}

@@ -1,8 +1,8 @@
 """Command-line options generated from config dataclasses, so every field can be overridden.
 
-A field ``unlearn_lr`` becomes ``--unlearn-lr``; tuples take several values; booleans get
-``--name`` / ``--no-name``. Only options the user actually gives are passed on, so the
-dataclass (or a preset) keeps authority over the defaults.
+A field ``unlearn_lr`` becomes ``--unlearn-lr``; tuples take several values; booleans, optional
+ones too (``bool | None``), get ``--name`` / ``--no-name``. Only options the user actually gives
+are passed on, so the dataclass (or a preset) keeps authority over the defaults.
 
 A field's description is its attribute docstring (the string literal under the field), read
 once by :func:`field_descriptions`: the same text is the option's ``--help`` and the
@@ -37,7 +37,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, *, prefix: s
         description = descriptions.get(field.name, "").replace("%", "%%")
         help_text = f"{description} (default: {field.default})".lstrip()
         dest = f"{prefix.replace('-', '_')}{field.name}"
-        if kind is bool:
+        if kind is bool or kind == bool | None:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is tuple:

@@ -12,7 +12,7 @@ layer (BatchNorm channels for our models) rather than the last convolution alone
 plain FP in the exposure benchmark, it measures what the exposure adds to a pruning baseline.
 
 The unlearning and recovering use RNP's defaults (:class:`rnp.defenses.rnp.RNPConfig`) with
-this config's seed and ``mask_layers``.
+this config's seed and ``mask_layers``, in float32 (amp off) like the other baselines.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ExposedFP(FP):
     ranking_stage = "masks"
 
     def rank(self, model: nn.Module, clean: ImageSet, device) -> tuple[ChannelScores, torch.Tensor, dict]:
-        rnp = RNP(seed=self.config.seed, mask_layers=self.config.mask_layers, progress=self.progress)
+        rnp = RNP(seed=self.config.seed, mask_layers=self.config.mask_layers, amp="off", progress=self.progress)
         unlearned, unlearning, _ = rnp.unlearn(model, clean, device)
         scores, push = rnp.recover(unlearned, clean, device)
         return scores, scores.order(push), {"ranking": "rnp_masks",

@@ -11,21 +11,27 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
    the clean channels; masks of channels that carry the backdoor stay small.
 3. *Prune*: zero the low-mask channels' weights in the ORIGINAL model.
 
+Precision: ``amp`` runs the forward passes of unlearning and recovering under
+:func:`torch.autocast`, with the modes and the rule of :class:`rnp.training.TrainConfig`
+(:func:`rnp.utils.uses_amp`); weights and masks stay float32 parameters. The default "auto"
+computes in float16 (with loss scaling) on CUDA and in bfloat16 on CPUs with native bfloat16
+(AVX512-BF16 or AMX), float32 elsewhere: on such a CPU bfloat16 pruned the same channels as
+float32 on three demo subjects in 0.6x the time (``benchmarks/amp_parity.py``); float16 on CUDA
+has not been measured yet. ``amp="off"`` (``--amp off``, or ``RNP_AMP_AUTO=off`` for every
+"auto") keeps float32. The other defenses compute in float32.
+
 Memory layout: ``channels_last=True`` trains the unlearning and recovering copies with
 channels-last convolution weights, which made those stages 1.15-1.4x faster on one CPU thread
-(PreAct-ResNet18 width 16, three CIFAR-10 subjects, ``benchmarks/grids/rnp-cost.yaml``). Other
-convolution kernels round differently, so the masks then differ in the fourth decimal from the
-default layout's (the three pruned models came out the same) and a near-tie may order
-differently; it is off by default so that a seed keeps giving the same result. ``torch.compile``
-was measured too and left out: compiling the training step took longer (about 40 s) than a
-whole default RNP run on CIFAR-10 (about 20 s).
+in float32 (PreAct-ResNet18 width 16, three CIFAR-10 subjects, ``benchmarks/grids/rnp-cost.yaml``)
+and about 1.3x faster in bfloat16. Other convolution kernels round differently, so the masks then
+differ in the fourth decimal from the default layout's (the three pruned models came out the
+same) and a near-tie may order differently. Unset (None), it follows the precision: on where
+bfloat16 runs on the CPU, off in float32, so that a float32 seed keeps giving the same result.
+``torch.compile`` was measured too and left out: compiling the training step took longer
+(about 40 s) than a whole default RNP run on CIFAR-10 (about 20 s).
 
-Precision: ``amp`` runs the forward passes of unlearning and recovering under
-:func:`torch.autocast` (float16 with loss scaling on CUDA, bfloat16 on the CPU), with the same
-modes as :class:`rnp.training.TrainConfig`; weights and masks stay float32 parameters. The
-default is "off" everywhere until the low-precision result is measured on each device: on the
-CPU, bfloat16 pruned the same channels as float32 on three demo subjects at 0.6x the time
-(``benchmarks/amp_parity.py``); float16 on CUDA has not been run yet.
+Records (a grid cell's key, the report's config) hold ``amp`` and ``channels_last`` resolved
+for the device (:func:`rnp.utils.resolve_precision`), left out at float32's "off" and false.
 
 ``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
@@ -52,7 +58,7 @@ from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, uses_amp
+from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, resolve_precision, uses_amp
 
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
@@ -114,13 +120,13 @@ class RNPConfig:
     mask_layers: str = "auto"
     """Layers that carry masks: auto (BatchNorm if any, else LayerNorm, else convolution and linear)
     or a comma list of batchnorm, layernorm, conv, linear (paper: batchnorm)."""
-    channels_last: bool = field(default=False, metadata={"omit_default": True})
-    """Unlearn and recover with channels-last weights: speed only, not in the paper; off by default
-    so that a seed keeps giving the same result (left out of records at its default)."""
-    amp: str = field(default="off", metadata={"omit_default": True})
-    """Mixed precision of unlearning and recovering: off (float32), auto (CUDA only, float16 with
-    loss scaling) or on (also the CPU, bfloat16: same pruning as float32 on the demo subjects, 0.6x
-    the time); not in the paper; left out of records at off."""
+    channels_last: bool | None = field(default=None, metadata={"omit": False})
+    """Unlearn and recover with channels-last weights: speed only, not in the paper; unset: on
+    where bfloat16 runs on the CPU, off in float32 so that a seed keeps giving the same result."""
+    amp: str = field(default="auto", metadata={"omit": "off"})
+    """Mixed precision of unlearning and recovering: auto (CUDA, float16 with loss scaling, and
+    CPUs with native bfloat16: same pruning as float32 on the demo subjects, 0.6x the time), on
+    (any CPU too) or off (float32, the paper's); recorded as on or off, left out at off."""
     seed: int = 0
     """Seeds the batch order and augmentation of unlearning and recovering."""
 
@@ -143,9 +149,11 @@ class RNPConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "RNPConfig":
-        """The published recipe: per-epoch stop, index order among ties, threshold 0.2."""
+        """The published recipe: per-epoch stop, index order among ties, threshold 0.2, and
+        float32 (amp off; the official code has no mixed precision), whatever the device;
+        ``amp="auto"`` among the overrides gives it the package's mixed-precision rule."""
         return cls(**{"stop_check": "epoch", "recover_lr": 0.2, "tie_break": "index",
-                      "prune_rule": "threshold", "threshold": 0.2, **overrides})
+                      "prune_rule": "threshold", "threshold": 0.2, "amp": "off", **overrides})
 
     def unlearn_lr_at(self, epoch: int) -> float:
         return self.unlearn_lr * self.unlearn_gamma ** sum(epoch >= m for m in self.unlearn_milestones)
@@ -202,7 +210,7 @@ class RNP(RemovalDefense):
             pruned = prune_channels(copy.deepcopy(original), scores, order[:count])
         report = {
             "method": self.name,
-            "config": dataclasses.asdict(self.config),
+            "config": dataclasses.asdict(resolve_precision(self.config, device)),
             "clean_images": len(clean),
             "mask_layers": {"setting": self.config.mask_layers,
                             "layer_types": sorted({type(module).__name__ for _, module in layers}),
@@ -225,7 +233,7 @@ class RNP(RemovalDefense):
         clean function collapses, which exposes a backdoor's target (:mod:`rnp.detection.exposure`).
         An ascent that overflowed the weights is an :class:`RnpError`: its masks would be NaN.
         """
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         scaler = self._grad_scaler(device)
         model = copy.deepcopy(original)
         if cfg.channels_last:
@@ -274,7 +282,7 @@ class RNP(RemovalDefense):
         hard descent pushed it towards 0), the tie-break among equal masks. In mixed precision a
         step the gradient scaler skipped (its gradients overflowed) adds nothing to that sum.
         """
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         scaler = self._grad_scaler(device)
         model = copy.deepcopy(unlearned).requires_grad_(False)
         if cfg.channels_last:

@@ -440,7 +440,7 @@ class UnlearnedMargin(LossScore):
     the cross-entropy, because the unlearned model is so sure of the target that the
     cross-entropy of many samples rounds to exactly 0 and ties (measured on CIFAR-10 BadNets:
     AUROC 0.95 and no detection at 5% FPR with the loss, 0.999 with the margin). The exposure
-    is made from ``clean`` unless one is given (e.g. from an RNP run).
+    is made from ``clean`` in float32 unless one is given (e.g. from an RNP run).
     """
 
     name = "unlearned"
@@ -451,7 +451,7 @@ class UnlearnedMargin(LossScore):
         if exposure is None:
             if not isinstance(clean, ImageSet):
                 raise RnpError("the unlearned-model score needs the defender's clean images")
-            exposure = expose(model, clean)
+            exposure = expose(model, clean, amp="off")
         logits = predict(exposure.unlearned, data, batch_size=self.config.batch_size, device=device,
                          return_logits=True).double()
         if len(data) == 0:

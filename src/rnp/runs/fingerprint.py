@@ -35,6 +35,9 @@ EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {
     "c08c2480d48d": ("61ddfb885c65",),
     # 2026-12-05: one amp rule in rnp.utils shared by training and RNP; 24 of 24 identical vs c89da19
     "d94a7af75c3c": ("61ddfb885c65",),
+    # 2026-12-05: amp "auto" resolved per device (bfloat16 on CPUs that have it), records and keys
+    # take the precision used; 24 of 24 identical vs a104d1c (d94a7af75c3c, itself 61ddfb885c65's)
+    "a0615746df13": ("d94a7af75c3c",),
 }
 """Training fingerprints verified to train the same models as older ones: ``{newer: (older,
 ...)}``. An entry is added only after ``benchmarks/training_equivalence.py --against REV`` found

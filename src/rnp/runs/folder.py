@@ -203,3 +203,11 @@ def config_dict(config) -> dict:
     and hashed into cache keys; fields added later are left out at their defaults (see
     :func:`rnp.utils.config_record`), so older run folders and cache keys stay valid."""
     return config_record(config)
+
+
+def config_from_dict(config_class, record: dict):
+    """The config a :func:`config_dict` record describes: a field the record leaves out holds
+    the value it is left out at (amp "off", not the default "auto"), so an old float32 run is
+    rebuilt as float32 on any machine."""
+    omitted = {f.name: f.metadata["omit"] for f in dataclasses.fields(config_class) if "omit" in f.metadata}
+    return config_class(**{**omitted, **record})

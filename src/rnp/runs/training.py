@@ -29,7 +29,7 @@ from rnp.runs.fingerprint import training_fingerprint
 from rnp.runs.folder import (ATTACK_FILE, CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RUN_FILE,
                              config_dict, load_run, read_run_info, save_model, write_run_files)
 from rnp.training import TrainConfig, train
-from rnp.utils import derive_seed, resolve_device
+from rnp.utils import derive_seed, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,14 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     clean run folder (same data) whose model attacks with ``needs_reference_model`` are fitted
     on; its model file's sha256 is recorded. ``device`` (a device, or a name for
     :func:`rnp.utils.resolve_device`) is where it trains and is evaluated; it is recorded in
-    ``metrics.json`` and is no part of the run's identity. ``log(line)`` reports progress
+    ``metrics.json`` and is no part of the run's identity, but the precision ``config``'s "auto"
+    means there is: ``run.json`` records amp "on" or "off" (left out at off) and channels_last
+    resolved (:func:`rnp.utils.resolve_precision`). ``log(line)`` reports progress
     (default: this module's logger, at INFO; ``rnp train`` prints the lines).
     """
     device = resolve_device(device)
     out = Path(out)
-    config = config or TrainConfig()
+    config = resolve_precision(config or TrainConfig(), device)  # recorded as used on the device
     data = load_dataset(data_spec, cache_dir=cache_dir)
     spec = model_spec(arch, num_classes=data.train.num_classes, width=width,
                       in_channels=data.train.image_shape[0])
