@@ -490,6 +490,7 @@ def test_defend_refuses_another_methods_setting(capsys, trained, tmp_path):
     ("clp", ["--u", "0.5"]),
     ("nc", ["--steps", "2", "--samples-per-step", "16", "--batch-size", "8"]),
     ("sau", ["--epochs", "1", "--batch-size", "10"]),
+    ("tsbd", ["--epochs", "1", "--unlearn-epochs", "2", "--batch-size", "10"]),
 ])
 def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, method, options):
     out = tmp_path / method
@@ -504,7 +505,7 @@ def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, me
     assert f"{method} on 20 clean images" in stdout
     if method == "clp":
         assert "pruned" in stdout and report["pruning"]["pruned"] > 0
-    scores = {"anp": "masks.csv", "clp": "bounds.csv", "fp": "activations.csv"}.get(method)
+    scores = {"anp": "masks.csv", "clp": "bounds.csv", "fp": "activations.csv", "tsbd": "nwc.csv"}.get(method)
     if scores:
         assert (out / scores).read_text().startswith("layer,channel,value\n")
     tensors = {"nc": {"trigger_masks", "trigger_patterns"}, "ibau": {"perturbations"}}.get(method)
