@@ -170,13 +170,14 @@ class TSBD(RemovalDefense):
 
     def unlearn(self, original: nn.Module, clean: ImageSet, device) -> tuple[nn.Module, dict]:
         """Stage 1's gradient ascent: RNP's unlearning routine with TSBD's settings (constant
-        learning rate, stop checked per epoch). Returns the unlearned copy and its per-epoch
-        summary (RNP's per-step trajectory left out)."""
+        learning rate, stop checked per epoch; float32, as TSBD's config has no precision field).
+        Returns the unlearned copy and its per-epoch summary (RNP's per-step trajectory left out)."""
         cfg = self.config
         settings = RNPConfig(batch_size=cfg.batch_size, augment=cfg.augment, unlearn_lr=cfg.unlearn_lr,
                              unlearn_momentum=cfg.unlearn_momentum, unlearn_weight_decay=cfg.weight_decay,
                              unlearn_milestones=(), unlearn_epochs=cfg.unlearn_epochs,
-                             clean_threshold=cfg.clean_threshold, stop_check="epoch", seed=cfg.seed)
+                             clean_threshold=cfg.clean_threshold, stop_check="epoch", seed=cfg.seed,
+                             amp="off")
         unlearned, summary, _ = RNP(settings, progress=self.progress).unlearn(original, clean, device)
         summary.pop("per_step")
         return unlearned.eval(), summary
