@@ -273,16 +273,16 @@ def figures(records: list[dict]) -> dict[str, Figure]:
                            spread_label="smallest to largest over seeds"))
     if panels:
         found["der"] = Figure(panels, columns=3)
-    rnp = [r for r in ok if r["label"]["defense"] == "rnp"]
+    rnp = [r for r in ok if r.get("cell", {}).get("defense", r["label"]["defense"]) == "rnp"]  # every RNP row
     curves = [r for r in rnp if r["rnp"].get("curve")]
     if curves:
         found["rnp_pruning_curve"] = Figure([
             Lines({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["curve"]],
                    "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["curve"]]},
                   x=[p["threshold"] for p in r["rnp"]["curve"]],
-                  title=f"RNP pruning curve: {_name(r, curves)} (oracle analysis)",
-                  xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset")
-            for r in curves], columns=3)
+                  title=_name(r, curves), xlabel="mask threshold (prune channels with mask <= it)",
+                  ylabel="% of test subset")
+            for r in curves], title="RNP pruning curves (oracle analysis: test images)", columns=3)
     if rnp:
         found["rnp_masks"] = Figure([Histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
                                                 title="RNP mask values", xlabel="mask value")])
