@@ -171,6 +171,13 @@ class MaskSet:
                              tuple(len(p) for p in self.parameters),
                              torch.cat([p.detach().cpu().clone() for p in self.parameters]))
 
+    def fold(self) -> None:
+        """Multiplies each masked layer's weights by their masks and removes the masks, so that
+        the model is again a plain module of its own class that computes what it computed with
+        them (the weight tensors stay the same objects)."""
+        for _, module in self.layers:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, scores: ChannelScores, channels) -> nn.Module:
