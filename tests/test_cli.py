@@ -461,7 +461,7 @@ def test_defend_list_shows_every_defense_with_its_description(capsys):
     code, out, _ = run_cli(capsys, "defend", "--list")
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[2:]}
-    assert set(rows) == set(DEFENSES) >= {"rnp", "ft", "fp", "nad", "anp", "ibau", "clp", "nc", "sau"}
+    assert set(rows) == set(DEFENSES) >= {"rnp", "ft", "fp", "nad", "anp", "ibau", "clp", "nc", "sau", "nft"}
     assert all(len(line.split()) > 3 for line in rows.values())
 
 
@@ -490,6 +490,7 @@ def test_defend_refuses_another_methods_setting(capsys, trained, tmp_path):
     ("clp", ["--u", "0.5"]),
     ("nc", ["--steps", "2", "--samples-per-step", "16", "--batch-size", "8"]),
     ("sau", ["--epochs", "1", "--batch-size", "10"]),
+    ("nft", ["--rounds", "1", "--steps-per-round", "2", "--batch-size", "10"]),
     ("tsbd", ["--epochs", "1", "--unlearn-epochs", "2", "--batch-size", "10"]),
 ])
 def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, method, options):
@@ -505,7 +506,8 @@ def test_defend_runs_a_baseline_defense_end_to_end(capsys, trained, tmp_path, me
     assert f"{method} on 20 clean images" in stdout
     if method == "clp":
         assert "pruned" in stdout and report["pruning"]["pruned"] > 0
-    scores = {"anp": "masks.csv", "clp": "bounds.csv", "fp": "activations.csv", "tsbd": "nwc.csv"}.get(method)
+    scores = {"anp": "masks.csv", "nft": "masks.csv", "clp": "bounds.csv", "fp": "activations.csv",
+              "tsbd": "nwc.csv"}.get(method)
     if scores:
         assert (out / scores).read_text().startswith("layer,channel,value\n")
     tensors = {"nc": {"trigger_masks", "trigger_patterns"}, "ibau": {"perturbations"}}.get(method)

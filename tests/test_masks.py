@@ -125,3 +125,12 @@ def test_rnp_on_a_transformer_masks_its_layernorms():
     assert len(result.masks) == 3 * 16
     with pytest.raises(RnpError, match="mask layers must be"):
         RNP(mask_layers="conv,bn")
+
+
+def test_masks_live_on_the_models_device():
+    """A model on another device (here PyTorch's shape-only "meta" device, standing in for a GPU)
+    gets its masks there too, so that the masked forward pass does not mix devices."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to("meta")
+    masks = MaskSet(model)
+    assert masks.parameters[0].device.type == "meta"
+    assert model(torch.empty(1, 3, 8, 8, device="meta")).shape == (1, 4, 6, 6)

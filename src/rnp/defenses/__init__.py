@@ -1,6 +1,6 @@
 """Backdoor removal defenses: ``Defense(**settings).fit(model, clean_data) -> DefenseResult``.
 
-RNP, nine baselines and one exposure-guided baseline behind one interface; :data:`DEFENSES`
+RNP, ten baselines and one exposure-guided baseline behind one interface; :data:`DEFENSES`
 maps each CLI name to its class.
 """
 
@@ -15,16 +15,17 @@ from rnp.defenses.exposed_fp import ExposedFP, ExposedFPConfig
 from rnp.defenses.ibau import IBAU, IBAUConfig
 from rnp.defenses.nad import NAD, NADConfig
 from rnp.defenses.neural_cleanse import NeuralCleanse, NeuralCleanseConfig
+from rnp.defenses.nft import NFT, NFTConfig
 from rnp.defenses.rnp import RNP, RNPConfig, threshold_sweep
 from rnp.defenses.sau import SAU, SAUConfig
 from rnp.defenses.tsbd import TSBD, TSBDConfig
 
 DEFENSES: dict[str, type[RemovalDefense]] = {
-    cls.name: cls for cls in (RNP, FT, FP, ExposedFP, NAD, ANP, IBAU, CLP, NeuralCleanse, SAU, TSBD)}
+    cls.name: cls for cls in (RNP, FT, FP, ExposedFP, NAD, ANP, IBAU, CLP, NeuralCleanse, SAU, NFT, TSBD)}
 
 __all__ = ["DefenseResult", "RemovalDefense", "ChannelScores", "MaskSet", "batchnorm_layers",
            "maskable_layers", "prune_channels", "RNP", "RNPConfig", "threshold_sweep",
            "FT", "FTConfig", "fine_tune", "FP", "FPConfig", "ExposedFP", "ExposedFPConfig", "NAD", "NADConfig",
            "ANP", "ANPConfig",
            "IBAU", "IBAUConfig", "CLP", "CLPConfig", "NeuralCleanse", "NeuralCleanseConfig",
-           "SAU", "SAUConfig", "TSBD", "TSBDConfig", "DEFENSES"]
+           "SAU", "SAUConfig", "NFT", "NFTConfig", "TSBD", "TSBDConfig", "DEFENSES"]

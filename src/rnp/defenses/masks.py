@@ -38,11 +38,11 @@ AUTO_CHOICES = (("batchnorm",), ("layernorm",), ("conv", "linear"))
 
 class ChannelMask(nn.Module):
     """Parametrization ``weight -> weight * mask`` with one mask value per output channel (the
-    weight's first dimension), initially 1."""
+    weight's first dimension), initially 1, on the weight's device and of its type."""
 
-    def __init__(self, num_channels: int):
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.mask = nn.Parameter(torch.ones(num_channels))
+        self.mask = nn.Parameter(torch.ones(weight.shape[0], device=weight.device, dtype=weight.dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask.view(-1, *([1] * (weight.dim() - 1)))
@@ -151,7 +151,7 @@ class MaskSet:
     def __init__(self, model: nn.Module, kinds="auto"):
         self.layers = maskable_layers(model, kinds)
         for _, module in self.layers:
-            parametrize.register_parametrization(module, "weight", ChannelMask(module.weight.shape[0]))
+            parametrize.register_parametrization(module, "weight", ChannelMask(module.weight))
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -170,6 +170,13 @@ class MaskSet:
         return ChannelScores(tuple(name for name, _ in self.layers),
                              tuple(len(p) for p in self.parameters),
                              torch.cat([p.detach().cpu().clone() for p in self.parameters]))
+
+    def fold(self) -> None:
+        """Multiplies each masked layer's weights by their masks and removes the masks, so that
+        the model is again a plain module of its own class that computes what it computed with
+        them (the weight tensors stay the same objects)."""
+        for _, module in self.layers:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 @torch.no_grad()
