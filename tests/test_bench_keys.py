@@ -82,6 +82,17 @@ def test_a_code_change_recomputes_cells_but_keeps_subjects(data, tmp_path, monke
     assert second.records[0]["subject_run"] == record["subject_run"]
 
 
+def test_keep_older_counts_a_cell_of_older_code_as_done(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "0ther0code000")
+    kept = run_grid(small_grid(data), tmp_path / "out", cache=tmp_path / "models", keep_older=True,
+                    log=lambda line: None)
+    assert kept.computed == [] and [r["key"] for r in kept.records] == [first.records[0]["key"]]
+    changed = small_grid(data, defenses={"ft": FT_FAST})  # other settings: computed all the same
+    again = run_grid(changed, tmp_path / "out", cache=tmp_path / "models", keep_older=True, log=lambda line: None)
+    assert len(again.computed) == 1
+
+
 def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatch):
     first = run(small_grid(data), tmp_path)
     old = fingerprint.training_fingerprint()

@@ -63,16 +63,24 @@ def finished_records(grid: Grid, out, data_cache: str | None = None, device: str
     by other code (same description but for the package fingerprint and version), so the
     committed records re-render after any code change; the report's code note says when the
     records mix code."""
+    return list(_records(grid_cells(grid, data_cache, device), out, older=True).values())
+
+
+def _records(cells: list[Cell], out, *, older: bool) -> dict[str, dict]:
+    """The records in ``out`` of those ``cells`` that have one, by cell key in the cells' order;
+    with ``older``, a cell without a record of this code takes one of the same settings
+    computed by other code."""
     by_setting = {}
-    for path in sorted((Path(out) / CELLS_FOLDER).glob("*.json")):
-        record = read_json(path)
-        by_setting.setdefault(_setting_key(record["cell"]), record)
-    records = []
-    for cell in grid_cells(grid, data_cache, device):
+    if older:
+        for path in sorted((Path(out) / CELLS_FOLDER).glob("*.json")):
+            record = read_json(path)
+            by_setting.setdefault(_setting_key(record["cell"]), record)
+    records = {}
+    for cell in cells:
         path = cell_path(out, cell.key)
         record = read_json(path) if path.exists() else by_setting.get(_setting_key(cell.describe()))
         if record is not None:
-            records.append(record)
+            records[cell.key] = record
     return records
 
 
@@ -85,12 +93,15 @@ def _setting_key(description: dict) -> str:
 def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor: str = "local",
              device: str = "cpu", threads: int | None = None, ray_address: str | None = None,
              defenses: list[str] | None = None, subjects: list[str] | None = None,
-             trained_only: bool = False, progress: bool = True, log=None) -> GridRun:
+             trained_only: bool = False, keep_older: bool = False, progress: bool = True,
+             log=None) -> GridRun:
     """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
 
     ``defenses`` (row names, e.g. ``["none"]``) runs only those rows, ``subjects`` (subject
     labels as the report prints them, e.g. ``["trojan", "clean"]``) only those subjects, so
-    that two training processes can share out a grid's subjects; ``trained_only`` trains
+    that two training processes can share out a grid's subjects; ``keep_older`` counts a cell
+    as done when older code computed one with the same settings (the report's code note then
+    lists every record's code), instead of recomputing it with this code; ``trained_only`` trains
     nothing and skips the cells whose subject the cache does not hold finished. Together they
     let one process train a grid's subjects (``defenses=["none"]``) while another defends those
     already trained (``trained_only``). ``progress`` shows the training bars of the local
@@ -110,7 +121,8 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         if unknown:
             raise RnpError(f"grid {grid.name} has no subject {unknown[0]!r}; its subjects: {', '.join(sorted(labels))}")
         cells = [cell for cell in cells if cell.subject.label in subjects]
-    todo = [cell for cell in cells if not cell_path(out, cell.key).exists()]
+    done = _records(cells, out, older=keep_older)
+    todo = [cell for cell in cells if cell.key not in done]
     log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
         f"({executor} executor; code {package_fingerprint()}, training code {training_fingerprint()})")
     if executor not in EXECUTORS:
@@ -140,7 +152,7 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         log(f"{where}: {_brief(outcome)}{left}")
     if result.skipped:
         log(f"{len(result.skipped)} cells skipped: their subjects are not trained yet (trained only)")
-    result.records = [read_json(cell_path(out, c.key)) for c in cells if cell_path(out, c.key).exists()]
+    result.records = list(_records(cells, out, older=keep_older).values())
     result.seconds = time.perf_counter() - start
     return result
 

@@ -40,6 +40,7 @@ def _bench(grid, path: str, args) -> int:
         run = run_grid(grid, out, cache=cache, data_cache=data_cache, executor=args.executor,
                        device=str(device), threads=args.threads, ray_address=args.ray_address,
                        defenses=args.defenses, subjects=args.subjects, trained_only=args.trained_only,
+                       keep_older=args.keep_older,
                        progress=not args.quiet, log=log)
         records, failures = run.records, run.failures
         skipped = f", {len(run.skipped)} skipped (subject not trained yet)" if run.skipped else ""

@@ -165,6 +165,9 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     grid.add_argument("--subjects", nargs="+", metavar="LABEL",
                       help="run only these subjects (labels as the report prints them, e.g. `trojan` "
                            "or `clean`), so that two training runs can share out a grid's subjects")
+    grid.add_argument("--keep-older", action="store_true",
+                      help="count a cell as done when older code computed it with the same settings "
+                           "(the report lists every record's code) instead of recomputing it")
     grid.add_argument("--trained-only", action="store_true",
                       help="train nothing: skip the cells whose subject is not in the cache yet (to defend "
                            "the subjects a training run has finished, beside it)")
