@@ -36,6 +36,12 @@ for the device (:func:`rnp.utils.resolve_precision`), left out at float32's "off
 ``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
 field says so, and the documentation (docs/method/) lists the measurements.
+
+Experimental options (issue 15, :mod:`rnp.defenses.rnp_options`), all off by default and left
+out of records at their defaults: ``repair_epochs`` fine-tunes the pruned model with the pruned
+channels held at zero; ``prune_rule="exposure"`` prunes until the unlearned model's predictions
+stop concentrating on one class; ``mask_runs`` and ``unlearn_depths`` average the masks of
+several recoveries (other seeds, other unlearning depths).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +60,7 @@ from rnp.data.images import ImageSet
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.masks import (ChannelScores, MaskSet, channels_pruned, maskable_layers, parse_layer_kinds,
                                 prune_channels)
+from rnp.defenses.rnp_options import average_masks, exposure_curve, rank_agreement, repair
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
@@ -62,7 +70,7 @@ from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, reso
 
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
-PRUNE_RULES = ("auto", "threshold", "number")
+PRUNE_RULES = ("auto", "threshold", "number", "exposure")
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 
 
@@ -107,8 +115,8 @@ class RNPConfig:
     """Order of equal masks: 'gradient' by how hard descent pushed them down; 'index' in layer order
     (paper)."""
     prune_rule: str = "auto"
-    """How many channels to prune: 'auto' (decided on the clean set only), 'threshold' (paper) or
-    'number'."""
+    """How many channels to prune: 'auto' (decided on the clean set only), 'threshold' (paper),
+    'number' or 'exposure' (experimental: see exposure_share)."""
     threshold: float = 0.2
     """Rule 'threshold': prune channels with mask <= this."""
     prune_number: int = 10
@@ -116,7 +124,7 @@ class RNPConfig:
     tolerance: float = 0.02
     """Rule 'auto': the largest pruning whose clean-set accuracy drop is at most this."""
     max_prune_fraction: float = 0.05
-    """Rule 'auto': never prune more than this share of the channels."""
+    """Rules 'auto' and 'exposure': never prune more than this share of the channels."""
     mask_layers: str = "auto"
     """Layers that carry masks: auto (BatchNorm if any, else LayerNorm, else convolution and linear)
     or a comma list of batchnorm, layernorm, conv, linear (paper: batchnorm)."""
@@ -129,6 +137,23 @@ class RNPConfig:
     (any CPU too) or off (float32, the paper's); recorded as on or off, left out at off."""
     seed: int = 0
     """Seeds the batch order and augmentation of unlearning and recovering."""
+    exposure_share: float = field(default=2.0, metadata={"omit": 2.0})
+    """Rule 'exposure' (experimental, issue 15): prune in mask order until the unlearned model's top
+    class gets at most this many times 1/num_classes of its clean-set predictions."""
+    mask_runs: int = field(default=1, metadata={"omit": 1})
+    """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
+    rank the channels by their mean mask; 1: one recovery (paper)."""
+    mask_runs_unlearn: bool = field(default=False, metadata={"omit": False})
+    """Experimental: with mask_runs > 1, unlearn again with each run's seed too, instead of
+    recovering every run on the first unlearned model."""
+    unlearn_depths: tuple[float, ...] = field(default=(), metadata={"omit": ()})
+    """Experimental (issue 15): clean accuracies at which to snapshot one unlearning (stopping at
+    the lowest, in place of clean_threshold); masks recovered on every snapshot are averaged."""
+    repair_epochs: int = field(default=0, metadata={"omit": 0, "own_range": True})
+    """Experimental (issue 15): epochs of fine-tuning the pruned model on the clean set (batch_size,
+    augment), the pruned channels held at zero; 0: no repair (paper)."""
+    repair_lr: float = field(default=0.01, metadata={"omit": 0.01})
+    """Learning rate of the repair's SGD (momentum 0.9 and weight decay 5e-4, FT's defaults)."""
 
     def __post_init__(self):
         check_config(self)
@@ -146,6 +171,13 @@ class RNPConfig:
             raise RnpError("max_prune_fraction must lie in (0, 1]; tolerance and prune_number >= 0")
         if not self.alpha > 0:
             raise RnpError(f"alpha must be positive, got {self.alpha!r}")
+        self.unlearn_depths = tuple(float(d) for d in self.unlearn_depths)
+        if not all(0 <= d <= 1 for d in self.unlearn_depths):
+            raise RnpError(f"unlearn_depths must lie in [0, 1], got {list(self.unlearn_depths)}")
+        if self.mask_runs < 1 or self.repair_epochs < 0:
+            raise RnpError("mask_runs must be at least 1 and repair_epochs at least 0")
+        if not self.exposure_share > 1:
+            raise RnpError(f"exposure_share must exceed 1 (the even share), got {self.exposure_share!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "RNPConfig":
@@ -178,7 +210,8 @@ class RNP(RemovalDefense):
 
     ``config`` fields are those of :class:`RNPConfig`; ``RNP(preset="paper")`` starts from the
     published recipe. The result holds the pruned model, ``masks`` (a ChannelScores), the
-    ``unlearned_model`` and a report with the unlearning trajectory and the seconds per stage.
+    ``unlearned_model`` and a report with the unlearning trajectory and the seconds per stage;
+    with ``repair_epochs``, ``artifacts["pruned_model"]`` is the pruned model before repair.
     """
 
     name = "rnp"
@@ -198,32 +231,69 @@ class RNP(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> RNPResult:
         original, clean, device = prepare_inputs(model, clean_data)
-        layers = maskable_layers(original, self.config.mask_layers)
+        cfg = self.config
+        layers = maskable_layers(original, cfg.mask_layers)
         timer = StageTimer()
-        with timer.stage("unlearn"):
-            unlearned, unlearning, drift = self.unlearn(original, clean, device)
-        with timer.stage("recover"):
-            scores, push = self.recover(unlearned, clean, device)
+        unlearned, unlearning, drift, scores, push, runs = self._masks(original, clean, device, timer)
         with timer.stage("prune"):
-            order = scores.order(push if self.config.tie_break == "gradient" else None)
-            count, selection = self.choose_pruning(original, clean, scores, order, device)
+            order = scores.order(push if cfg.tie_break == "gradient" else None)
+            count, selection = self.choose_pruning(original, clean, scores, order, device,
+                                                   unlearned=unlearned)
             pruned = prune_channels(copy.deepcopy(original), scores, order[:count])
         report = {
             "method": self.name,
-            "config": dataclasses.asdict(resolve_precision(self.config, device)),
+            "config": dataclasses.asdict(resolve_precision(cfg, device)),
             "clean_images": len(clean),
-            "mask_layers": {"setting": self.config.mask_layers,
+            "mask_layers": {"setting": cfg.mask_layers,
                             "layer_types": sorted({type(module).__name__ for _, module in layers}),
                             "layers": len(layers)},
             "unlearning": unlearning,
             "masks": _mask_summary(scores),
             "pruning": {**selection, "pruned": count, "total_channels": len(scores),
                         "channels": [_describe(scores, int(i)) for i in order[:count]]},
-            "seconds": dict(timer.seconds),
         }
+        if runs is not None:
+            report["mask_runs"] = runs
         artifacts = {"masks": scores, "order": order, "unlearned_model": unlearned,
                      "original_model": original, "unlearning_predictions": drift}
+        if cfg.repair_epochs:
+            artifacts["pruned_model"] = copy.deepcopy(pruned)
+            with timer.stage("repair"):
+                report["repair"] = repair(pruned, clean, scores, order[:count], epochs=cfg.repair_epochs,
+                                          lr=cfg.repair_lr, batch_size=cfg.batch_size, augment=cfg.augment,
+                                          seed=cfg.seed, progress=self.progress, device=device)
+        report["seconds"] = dict(timer.seconds)
         return RNPResult(pruned, report, artifacts, dict(timer.seconds))
+
+    def _masks(self, original: nn.Module, clean: ImageSet, device, timer: StageTimer) -> tuple:
+        """Stages 1 and 2, once or (``mask_runs``, ``unlearn_depths``) several times: the first
+        run's unlearned model, trajectory and drift, the mean masks and mean push of every
+        recovery, and the report's ``mask_runs`` section (None for a single recovery).
+
+        Run ``i`` takes the seed ``seed + i``; it unlearns afresh only with ``mask_runs_unlearn``
+        and otherwise recovers on the first run's unlearned model (or its depth snapshots)."""
+        cfg = self.config
+        recoveries, seconds = [], []
+        for run in range(cfg.mask_runs):
+            seed, start = cfg.seed + run, time.perf_counter()
+            if run == 0 or cfg.mask_runs_unlearn:
+                with timer.stage("unlearn"):
+                    model, summary, counts, snapshots = self._unlearn(original, clean, device, seed)
+                if run == 0:
+                    unlearned, unlearning, drift = model, summary, counts
+            with timer.stage("recover"):
+                recoveries += [self.recover(snapshot, clean, device, seed=seed) for snapshot in snapshots]
+            seconds.append(time.perf_counter() - start)
+        if len(recoveries) == 1:
+            scores, push = recoveries[0]
+            return unlearned, unlearning, drift, scores, push, None
+        masks = [scores for scores, _ in recoveries]
+        orders = [scores.order(push if cfg.tie_break == "gradient" else None) for scores, push in recoveries]
+        runs = {"runs": cfg.mask_runs, "recoveries": len(recoveries), "unlearn_each_run": cfg.mask_runs_unlearn,
+                "seeds": [cfg.seed + run for run in range(cfg.mask_runs)], "seconds": seconds,
+                **rank_agreement(masks, orders, max(1, int(cfg.max_prune_fraction * len(masks[0]))))}
+        push = torch.stack([push for _, push in recoveries]).mean(0)
+        return unlearned, unlearning, drift, average_masks(masks), push, runs
 
     def unlearn(self, original: nn.Module, clean: ImageSet, device) -> tuple[nn.Module, dict, torch.Tensor]:
         """Stage 1: gradient ascent on all weights until clean accuracy <= clean_threshold.
@@ -233,21 +303,37 @@ class RNP(RemovalDefense):
         clean function collapses, which exposes a backdoor's target (:mod:`rnp.detection.exposure`).
         An ascent that overflowed the weights is an :class:`RnpError`: its masks would be NaN.
         """
+        return self._unlearn(original, clean, device, self.config.seed)[:3]
+
+    def _unlearn(self, original: nn.Module, clean: ImageSet, device, seed: int) -> tuple:
+        """:meth:`unlearn` with the given seed, and the models to recover masks on: the
+        unlearned model, or with ``unlearn_depths`` a snapshot taken when clean accuracy first
+        fell to each depth (shallowest first; the last model for a depth never reached), the
+        unlearning then running on to the lowest depth in place of ``clean_threshold``."""
         cfg = resolve_precision(self.config, device)
+        stop_at = min(cfg.unlearn_depths) if cfg.unlearn_depths else cfg.clean_threshold
+        depths = sorted(set(cfg.unlearn_depths), reverse=True)
         scaler = self._grad_scaler(device)
         model = copy.deepcopy(original)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum,
                                     weight_decay=cfg.unlearn_weight_decay)
-        generator = generator_for(cfg.seed, "rnp-unlearn")
-        trajectory, epochs, counts, reached = [], [], [], False
+        generator = generator_for(seed, "rnp-unlearn")
+        trajectory, epochs, counts, reached, snapshots = [], [], [], False, {}
+
+        def snapshot(clean_accuracy: float) -> None:
+            for depth in depths:
+                if depth not in snapshots and clean_accuracy <= depth:
+                    snapshots[depth] = (copy.deepcopy(model), len(trajectory), epoch + 1)
 
         def after_step(info: StepInfo) -> bool:
             trajectory.append({"step": len(trajectory) + 1, "epoch": epoch + 1,
                                "loss": info.loss, "accuracy": info.accuracy})
             counts.append(torch.bincount(info.predictions, minlength=clean.num_classes))
-            return cfg.stop_check == "step" and info.accuracy <= cfg.clean_threshold
+            if cfg.stop_check == "step":
+                snapshot(info.accuracy)
+            return cfg.stop_check == "step" and info.accuracy <= stop_at
 
         steps = math.ceil(len(clean) / cfg.batch_size)
         with progress_bar(cfg.unlearn_epochs * steps, "unlearn", self.progress, bounded=True,
@@ -259,24 +345,33 @@ class RNP(RemovalDefense):
                                   generator=generator, augment=cfg.augment, ascent=True,
                                   after_step=after_step, progress=bar, device=device, scaler=scaler)
                 epochs.append({"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy})
-                if stats.stopped or (cfg.stop_check == "epoch"
-                                     and stats.accuracy <= cfg.clean_threshold):
+                if cfg.stop_check == "epoch":
+                    snapshot(stats.accuracy)
+                if stats.stopped or (cfg.stop_check == "epoch" and stats.accuracy <= stop_at):
                     reached = True
-                    bar.stop_early(f"clean accuracy <= {cfg.clean_threshold} at epoch {epoch + 1}, "
+                    bar.stop_early(f"clean accuracy <= {stop_at} at epoch {epoch + 1}, "
                                    f"step {len(trajectory)}")
                     break
         check_finite_weights(model, "unlearning diverged (lower unlearn_lr): the unlearned model")
         summary = {"reached_threshold": reached, "epochs": len(epochs), "steps": len(trajectory),
                    "final_accuracy": trajectory[-1]["accuracy"], "per_epoch": epochs,
                    "per_step": trajectory}
+        if depths:
+            summary["depths"] = [{"depth": depth, "reached": depth in snapshots,
+                                  **({"step": snapshots[depth][1], "epoch": snapshots[depth][2]}
+                                     if depth in snapshots else {})} for depth in depths]
         if not reached:
-            summary["warning"] = (f"clean accuracy never fell to {cfg.clean_threshold} in "
+            summary["warning"] = (f"clean accuracy never fell to {stop_at} in "
                                   f"{cfg.unlearn_epochs} epochs; the last epoch's model is used")
         classes = max(len(c) for c in counts)  # more outputs than the data's classes: keep all
-        return model, summary, torch.stack([F.pad(c, (0, classes - len(c))) for c in counts])
+        drift = torch.stack([F.pad(c, (0, classes - len(c))) for c in counts])
+        models = [snapshots[depth][0] if depth in snapshots else model for depth in depths] or [model]
+        return model, summary, drift, models
 
-    def recover(self, unlearned: nn.Module, clean: ImageSet, device) -> tuple[ChannelScores, torch.Tensor]:
-        """Stage 2: learn per-channel masks on a copy of the unlearned model, weights frozen.
+    def recover(self, unlearned: nn.Module, clean: ImageSet, device,
+                seed: int | None = None) -> tuple[ChannelScores, torch.Tensor]:
+        """Stage 2: learn per-channel masks on a copy of the unlearned model, weights frozen;
+        ``seed`` (default: the config's) seeds the batch order and augmentation.
 
         Returns the masks and, per channel, the summed gradient of the loss on its mask (how
         hard descent pushed it towards 0), the tie-break among equal masks. In mixed precision a
@@ -289,7 +384,7 @@ class RNP(RemovalDefense):
             model.to(memory_format=torch.channels_last)
         masks = MaskSet(model, cfg.mask_layers)
         optimizer = torch.optim.SGD(masks.parameters, lr=cfg.recover_lr, momentum=cfg.recover_momentum)
-        generator = generator_for(cfg.seed, "rnp-recover")
+        generator = generator_for(cfg.seed if seed is None else seed, "rnp-recover")
         push = torch.zeros(sum(p.numel() for p in masks.parameters))
 
         def after_step(info: StepInfo) -> bool:
@@ -315,16 +410,42 @@ class RNP(RemovalDefense):
         return torch.amp.GradScaler(device.type) if uses_amp(self.config.amp, device) else None
 
     def choose_pruning(self, original: nn.Module, clean: ImageSet, scores: ChannelScores,
-                       order: torch.Tensor, device) -> tuple[int, dict]:
-        """Stage 3's decision: how many channels, in mask order, to prune. ``original`` ends
-        exactly as it was (the auto rule prunes it only for the time of each evaluation)."""
+                       order: torch.Tensor, device, *, unlearned: nn.Module | None = None) -> tuple[int, dict]:
+        """Stage 3's decision: how many channels, in mask order, to prune. ``original`` (and
+        ``unlearned``, which the exposure rule reads) ends exactly as it was: the rules prune a
+        model only for the time of each evaluation."""
         cfg = self.config
         if cfg.prune_rule == "threshold":
             count = int((scores.values <= cfg.threshold).sum())
             return count, {"rule": "threshold", "threshold": cfg.threshold}
         if cfg.prune_rule == "number":
             return min(cfg.prune_number, len(scores)), {"rule": "number"}
+        if cfg.prune_rule == "exposure":
+            if unlearned is None:
+                raise RnpError("the exposure rule needs the unlearned model")
+            return self._exposure_count(unlearned, clean, scores, order, device)
         return self._auto_count(original, clean, scores, order, device)
+
+    def _exposure_count(self, unlearned, clean, scores, order, device) -> tuple[int, dict]:
+        """The fewest channels, in mask order, whose pruning in the unlearned model ends the
+        concentration of its clean-set predictions on one class: its top class's share falls to
+        at most ``exposure_share / num_classes``. The backdoor, which unlearning left intact,
+        is what makes those predictions concentrate on its target; once the channels carrying
+        it are gone they spread again. Capped at ``max_prune_fraction`` with a warning, as the
+        auto rule is; the report holds the share at every count tried."""
+        cfg = self.config
+        level = cfg.exposure_share / clean.num_classes
+        cap = max(1, int(cfg.max_prune_fraction * len(scores)))
+        curve = exposure_curve(unlearned, clean, scores, order, level=level, cap=cap,
+                               batch_size=cfg.batch_size, device=device)
+        selection = {"rule": "exposure", "exposure_share": cfg.exposure_share, "level": level,
+                     "curve": curve}
+        if curve[-1]["share"] > level:
+            selection["warning"] = (f"the exposure rule stopped at its cap of {cap} of {len(scores)} "
+                                    f"channels (max_prune_fraction {cfg.max_prune_fraction}) with the "
+                                    f"unlearned model's top class still at {curve[-1]['share']:.0%} of "
+                                    f"the clean predictions (level {level:.0%})")
+        return curve[-1]["pruned"], selection
 
     def _auto_count(self, original, clean, scores, order, device) -> tuple[int, dict]:
         """The largest prefix of the mask order whose pruning costs at most ``tolerance`` of

@@ -1,0 +1,121 @@
+"""Experimental ingredients of a sturdier RNP, each an opt-in :class:`rnp.defenses.rnp.RNPConfig`
+option (issue 15): none changes what RNP does at its defaults.
+
+- :func:`average_masks` and :func:`rank_agreement`: several recoveries (other seeds, other
+  unlearning depths) averaged into one mask per channel, and how far their rankings agree;
+- :func:`exposure_curve`: how many channels, pruned in mask order on the UNLEARNED model, end
+  the concentration of its clean-set predictions on one class (the exposed backdoor's target);
+- :func:`repair`: fine-tuning of the pruned model on the clean set with the pruned channels held
+  at exactly zero, the repair stage that RNP's successors add (NFT, TSBD).
+
+They are measured against the published recipe in issue 15's ablation; until then they are
+candidates, not recommendations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+from torch import nn
+
+from rnp.data.images import ImageSet
+from rnp.defenses.finetune import clean_accuracy, fine_tune
+from rnp.defenses.masks import ChannelScores, channels_pruned, prune_channels
+from rnp.training.evaluate import predict
+from rnp.training.loop import StepInfo
+
+REPAIR_MOMENTUM = 0.9
+"""Momentum of the repair's SGD: FT's default (NAD's fine-tuning baseline)."""
+REPAIR_WEIGHT_DECAY = 5e-4
+"""Weight decay of the repair's SGD: FT's default (NAD's fine-tuning baseline)."""
+
+
+def average_masks(runs: list[ChannelScores]) -> ChannelScores:
+    """The channel-wise mean of several recoveries' masks (one recovery: itself, unchanged)."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    return ChannelScores(first.layer_names, first.sizes, torch.stack([r.values for r in runs]).mean(0))
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks from 0, equal values sharing the mean of their ranks (as Spearman's rho needs:
+    many masks end at exactly 0 or 1)."""
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    return (first + (counts - 1) / 2).double()[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long value vectors (0 where one is constant)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    scale = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / scale if scale > 0 else 0.0
+
+
+def rank_agreement(runs: list[ChannelScores], orders: list[torch.Tensor], k: int) -> dict:
+    """How far the recoveries agree, over every pair of runs: Spearman's rho of their masks,
+    and the share of the first ``k`` channels of their pruning orders that they have in common."""
+    pairs = list(itertools.combinations(range(len(runs)), 2))
+    rho = [spearman(runs[i].values, runs[j].values) for i, j in pairs]
+    overlap = [len(set(orders[i][:k].tolist()) & set(orders[j][:k].tolist())) / k for i, j in pairs]
+    return {"spearman_mean": sum(rho) / len(rho), "spearman": rho,
+            "top_k": k, "top_k_overlap_mean": sum(overlap) / len(overlap), "top_k_overlap": overlap}
+
+
+def top_class_share(model: nn.Module, clean: ImageSet, *, batch_size: int, device) -> tuple[int, float]:
+    """The class ``model`` predicts most often on the clean images, and the share it gets."""
+    predictions = predict(model, clean, batch_size=batch_size, device=device)
+    counts = torch.bincount(predictions)
+    top = int(counts.argmax())
+    return top, float(counts[top]) / len(predictions)
+
+
+def exposure_curve(unlearned: nn.Module, clean: ImageSet, scores: ChannelScores, order: torch.Tensor,
+                   *, level: float, cap: int, batch_size: int, device) -> list[dict]:
+    """The unlearned model's top class and its share of the clean-set predictions after pruning
+    the first k channels in mask order, for k = 0, 1, ... until the share is at most ``level``
+    or k reaches ``cap``; the last row's k is the rule's count. ``unlearned`` ends exactly as it
+    was (each pruning is undone, :func:`channels_pruned`)."""
+    curve = []
+    for count in range(cap + 1):
+        with channels_pruned(unlearned, scores, order[:count]) as model:
+            top, share = top_class_share(model, clean, batch_size=batch_size, device=device)
+        curve.append({"pruned": count, "top_class": top, "share": share})
+        if share <= level:
+            break
+    return curve
+
+
+def repair(model: nn.Module, clean: ImageSet, scores: ChannelScores, pruned: torch.Tensor, *,
+           epochs: int, lr: float, batch_size: int, augment: bool, seed: int, progress: bool,
+           device) -> dict:
+    """Fine-tunes the pruned ``model`` in place on the clean images by SGD (FT's momentum and
+    weight decay), zeroing the pruned channels' weights again after every step exactly as
+    :func:`prune_channels` zeroed them (their biases train on), so they stay pruned.
+
+    Returns the report's ``repair`` section: clean-set accuracy before and after, and per epoch
+    the training loss and accuracy and the seconds it took.
+    """
+    before = clean_accuracy(model, clean, device)
+    steps = math.ceil(len(clean) / batch_size)
+    ends = [time.perf_counter()]
+
+    def keep_pruned(info: StepInfo) -> bool:
+        prune_channels(model, scores, pruned)
+        if info.step == steps:  # the epoch's last step
+            ends.append(time.perf_counter())
+        return False
+
+    history = fine_tune(model, clean, epochs=epochs, lr=lr, momentum=REPAIR_MOMENTUM,
+                        weight_decay=REPAIR_WEIGHT_DECAY, batch_size=batch_size, augment=augment,
+                        seed=seed, purpose="rnp-repair", after_step=keep_pruned, progress=progress,
+                        device=device)
+    rows = [{"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy,
+             "seconds": ends[epoch + 1] - ends[epoch]} for epoch, stats in enumerate(history)]
+    return {"epochs": rows, "clean_accuracy_before": before,
+            "clean_accuracy_after": clean_accuracy(model, clean, device)}
