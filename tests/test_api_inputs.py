@@ -198,7 +198,7 @@ def _bad_values(field: str, kind) -> list:
     if ends("lr", "gamma"):
         bad += [0, -1]
     if ends("epochs", "batch_size", "iterations", "rounds") and field != "unlearn_epochs":
-        bad += [0, -3]
+        bad += [-3] if field == "repair_epochs" else [0, -3]  # RNP's repair may be off (0)
     if ends("fraction"):
         bad += [-0.1, 1.5]
     if ends("momentum"):

@@ -538,6 +538,8 @@ def test_subcommands_are_the_documented_ones():
 
 _STRING_VALUES = {"stop_check": "epoch", "tie_break": "index", "prune_rule": "number",
                   "schedule": "multistep", "mask_layers": "conv", "amp": "off"}
+_RANGED_VALUES = {"unlearn_depths": (["0.5", "0.1"], (0.5, 0.1)), "exposure_share": (["3.0"], 3.0)}
+"""Fields whose range the generic non-default value (3 and 7, half the default) falls outside."""
 
 
 def _non_default_argv(config_cls) -> tuple[list[str], dict]:
@@ -546,7 +548,10 @@ def _non_default_argv(config_cls) -> tuple[list[str], dict]:
     argv, expected = [], {}
     for field in dataclasses.fields(config_cls):
         flag, kind, default = "--" + field.name.replace("_", "-"), hints[field.name], field.default
-        if kind is bool or kind == bool | None:
+        if field.name in _RANGED_VALUES:
+            values, expected[field.name] = _RANGED_VALUES[field.name]
+            argv += [flag, *values]
+        elif kind is bool or kind == bool | None:
             argv.append(flag if not default else "--no-" + flag[2:])
             expected[field.name] = not default
         elif typing.get_origin(kind) is tuple:
