@@ -186,6 +186,18 @@ def test_defend_without_oracle_sweep_has_no_oracle_columns(trained, tmp_path, ca
     assert "pruned" in out
 
 
+def test_defend_rnp_with_every_experimental_option_reports_each(trained, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "defend", "--run", trained, *RNP_FAST, "--prune-rule", "exposure",
+                           "--exposure-share", "1.5", "--mask-runs", "2", "--mask-runs-unlearn",
+                           "--unlearn-depths", "0.5", "0.2", "--repair-epochs", "1", "--repair-lr", "0.005",
+                           "--out", tmp_path / "d", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["pruning"]["rule"] == "exposure" and report["pruning"]["curve"]
+    assert report["mask_runs"]["recoveries"] == 4 and len(report["unlearning"]["depths"]) == 2
+    assert len(report["repair"]["epochs"]) == 1 and "repair" in report["seconds"]
+
+
 # -- outside models ----------------------------------------------------------------------------
 
 
