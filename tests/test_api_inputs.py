@@ -187,7 +187,7 @@ def _config_fields() -> list:
 
 def _bad_values(field: str, kind) -> list:
     """Values every config must refuse for a field of this name and type."""
-    if kind is bool:
+    if kind is bool or set(typing.get_args(kind)) == {bool, type(None)}:  # optional: None means auto
         return ["yes", 1]
     if kind is str:
         return [3]
