@@ -7,6 +7,7 @@ Same tiny dataset as ``test_cli.py`` (40 training and 20 test 16x16 images, widt
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,13 +108,17 @@ def test_interrupted_training_says_a_rerun_resumes_and_it_does(data3, tmp_path, 
     assert code == 0, err
     assert "resuming the interrupted training" in err
     assert "epoch 1/2" not in err and "epoch 2/2" in err
+    epoch_seconds = json.loads((tmp_path / "run" / "epoch_seconds.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(epoch_seconds) == ["1", "2"]  # the first session's epoch is kept
+    assert min(epoch_seconds.values()) > 0 and metrics["train_seconds"] == pytest.approx(sum(epoch_seconds.values()))
 
 
 def test_an_interrupted_defense_says_only_interrupted(trained, tmp_path, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands.RNP, "unlearn", interrupt)
+    monkeypatch.setattr(commands.RNP, "_unlearn", interrupt)
     code, _, err = run_cli(capsys, "defend", "--run", trained, "--out", tmp_path / "d", "--quiet",
                            "--clean-size", "20")
     assert code == 130

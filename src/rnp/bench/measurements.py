@@ -60,7 +60,7 @@ def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> di
     return {"mode": spec.get("mode", "all2one"), "poison_rate": spec.get("poison_rate"),
             "poisoning": run.attack.describe_poisoning(),
             "prepare_seconds": metrics.get("attack_prepare_seconds", 0.0),
-            "train_seconds": metrics.get("train_seconds_this_session"),
+            "train_seconds": metrics.get("train_seconds") or metrics.get("train_seconds_this_session"),
             "clean_twin_accuracy": clean_twin_metrics["clean_accuracy"] if clean_twin_metrics else None}
 
 

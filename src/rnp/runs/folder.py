@@ -37,7 +37,11 @@ HOLDOUT_FILE = "holdout_indices.txt"
 COVER_FILE = "cover_indices.txt"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
-RECORD_FILES = (RUN_FILE, MODEL_FILE, ATTACK_FILE, INDICES_FILE, HOLDOUT_FILE, COVER_FILE, CHECKPOINT_FILE)
+EPOCH_TIMES_FILE = "epoch_seconds.json"
+"""Wall-clock seconds of every training epoch, kept across resumed sessions (a subject of the
+benchmark zoo trains over several), so that a run's total training time is known."""
+RECORD_FILES = (RUN_FILE, MODEL_FILE, ATTACK_FILE, INDICES_FILE, HOLDOUT_FILE, COVER_FILE, CHECKPOINT_FILE,
+                EPOCH_TIMES_FILE)
 """The files that make a run (``metrics.json`` aside, a record of measurements): no command
 writes onto any of them in another command's place, whether or not the run has each one."""
 
