@@ -180,17 +180,20 @@ def means_table(records: list[dict], epochs: list[str]) -> str:
 
 
 def cost_table(records: list[dict]) -> str:
-    """RNP's seconds against its optimisation floor, where the cells measured it."""
-    rows = [r for r in _ok(records) if r["label"]["defense"] == "rnp" and "floor_seconds" in r.get("rnp", {})]
+    """RNP's seconds against its optimisation floor, where the cells measured it (every RNP row:
+    the defaults, the paper preset, other precisions)."""
+    rows = [r for r in _ok(records) if r.get("cell", {}).get("defense", r["label"]["defense"]) == "rnp"
+            and "floor_seconds" in r.get("rnp", {})]
     if not rows:
         return ""
-    table = [["attack", "seed", "RNP seconds", "unlearn / recover / prune", "floor seconds", "RNP / floor", "runs"]]
+    table = [["attack", "seed", "defense", "RNP seconds", "unlearn / recover / prune", "floor seconds",
+              "RNP / floor", "runs"]]
     for r in rows:
         stages = " / ".join(f"{r['stages'].get(s, 0):.1f}" for s in ("unlearn", "recover", "prune"))
-        table.append([r["label"]["attack"], _seed(r["label"]), f"{r['seconds']:.1f}", stages,
+        table.append([r["label"]["attack"], _seed(r["label"]), r["label"]["defense"], f"{r['seconds']:.1f}", stages,
                       f"{r['rnp']['floor_seconds']:.1f}", f"{r['rnp']['floor_ratio']:.2f}", _runs(r)])
     return ("RNP's cost against its floor (the same number of forward+backward passes of plain "
-            "training, timed in the same cell on the same model):\n\n" + render_table(table, markdown=True))
+            "training in float32, timed in the same cell on the same model):\n\n" + render_table(table, markdown=True))
 
 
 def _runs(record: dict) -> str:
