@@ -49,7 +49,8 @@ def studies(tmp_path_factory, data) -> dict:
                 "rnp (threshold)": {"defense": "rnp", **RNP_FAST, "prune_rule": "threshold"}}
     return {
         "attacks": study(root, data, "attacks", defenses={"none": {}}, attack_properties=True),
-        "rnp": study(root, data, "rnp", defenses=rnp_rows, clean_seeds=[0, 1], prune_counts=[1, 2]),
+        "rnp": study(root, data, "rnp", defenses=rnp_rows, clean_seeds=[0, 1], prune_counts=[1, 2],
+                     cost_floor=False),
         "cost": study(root, data, "cost", defenses={"rnp": RNP_FAST}, repeats=2, curve_images=0),
         "exposure": study(root, data, "exposure", defenses={"none": {}},
                           attacks=[{"name": "none", "seeds": [0, 1]}, "badnets"],
@@ -77,6 +78,8 @@ def test_rnp_settings_over_clean_seeds_with_the_oracle_ranking(studies):
     ranked = [r for r in rows if r["label"]["defense"] != "none"]
     assert all([p["count"] for p in r["rnp"]["prefix_curve"]] == [1, 2] for r in ranked)
     assert all(r["cell"]["defense_config"]["seed"] == r["cell"]["clean_seed"] for r in ranked)
+    assert all(r["cell"]["cost_floor"] is False and "floor_seconds" not in r["rnp"] for r in ranked)
+    assert "RNP / floor" not in text
     assert "## Spread over seeds" in text and "| tiny | preact_resnet18-w4 | badnets | rnp (threshold) | 2 |" in text
     assert "## RNP's ranking of the channels (oracle analysis)" in text and "ASR@2" in text
     assert "## Defenses side by side" in text and "| attack | none | rnp | rnp (threshold) |" in text
@@ -148,6 +151,7 @@ def test_a_defense_row_takes_its_own_clean_seeds(data):
     ({"prune_counts": [5], "defenses": {"none": {}}}, "'prune_counts' measures RNP's ranking"),
     ({"prune_counts": [5], "curve_images": 0}, "it needs an rnp defense and curve_images > 0"),
     ({"attack_properties": "yes"}, "'attack_properties' takes true or false"),
+    ({"cost_floor": "false"}, "'cost_floor' takes true or false"),
     ({"attack_properties": True, "defenses": {"rnp": {}}}, "add the defense 'none'"),
     ({"exposure": {"samples": 0}, "retuning": None}, "exposure: samples takes integers >= 1"),
     ({"exposure": {"budget": 3}}, "exposure has no setting budget"),
@@ -177,7 +181,7 @@ def test_every_benchmark_grid_is_valid(path, data):
 
 def test_grid_records_describe_only_the_measurements_that_are_on(data):
     plain = parse_grid(grid_dict(data, retuning=None)).cells({"tiny": "sum"})
-    assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure"} & set(
+    assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor"} & set(
         json.loads(json.dumps(plain[0].describe())))
 
 

@@ -88,8 +88,9 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
                              "agree": len({_digest(r.model) for r, _, _ in runs}) == 1}
     if cell.defense == "rnp":
         record["rnp"] = _rnp_details(cell, result, subject, device)
-        record["rnp"].update(floor_seconds=statistics.median(f for _, _, f in runs),
-                             floor_ratio=statistics.median(s / f for _, s, f in runs))
+        if cell.cost_floor:
+            record["rnp"].update(floor_seconds=statistics.median(f for _, _, f in runs),
+                                 floor_ratio=statistics.median(s / f for _, s, f in runs))
     if cell.measures_subject:
         record.update(_subject_measurements(cell, model, clean, subject, control_dir))
     if cell.retuning is not None:
@@ -99,13 +100,13 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
 
 
 def _timed_defense(cell: Cell, model, clean, device) -> tuple[DefenseResult, float, float | None]:
-    """One run of the cell's defense: its result, its seconds, and for RNP the seconds of its
-    optimisation floor, timed right after it on the same model."""
+    """One run of the cell's defense: its result, its seconds, and for RNP (unless the cell
+    skips it) the seconds of its optimisation floor, timed right after it on the same model."""
     start = time.perf_counter()
     result = _defend(cell, model, clean)
     seconds = time.perf_counter() - start
     floor = None
-    if cell.defense == "rnp":
+    if cell.defense == "rnp" and cell.cost_floor:
         floor = optimisation_floor(model, clean, images=rnp_floor_images(result),
                                    batch_size=result.report["config"]["batch_size"], device=device)
     return result, seconds, floor

@@ -31,6 +31,8 @@ defense row may carry its own ``clean_seeds``, e.g. three for RNP and the grid's
 costly baselines);
 ``repeats`` times every defense several times (median seconds, results checked equal);
 ``prune_counts`` adds RNP's oracle ranking (CA / ASR after pruning its first k channels);
+``cost_floor: false`` skips timing RNP's optimisation floor (:mod:`rnp.bench.cost`), which in
+float32 can take longer than a bfloat16 RNP run itself, where a study needs no cost figures;
 ``attack_properties`` and ``exposure`` (:mod:`rnp.bench.measurements`) measure each subject in
 its undefended cell. An attack entry may carry its own ``poison_rate`` and ``seeds``, and the
 attack ``none`` is a clean subject.
@@ -67,7 +69,7 @@ NO_ATTACK = "none"
 
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
              "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output",
-             "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure"}
+             "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class Cell:
     prune_counts: tuple[int, ...] = ()
     attack_properties: bool = False
     exposure: ExposureConfig | None = None
+    cost_floor: bool = True
+    """Whether an RNP cell times its optimisation floor (:func:`rnp.bench.cost.optimisation_floor`)."""
     device: str = "cpu"
     """Where the grid runs. The key holds the precision "auto" resolves to there, not the device."""
 
@@ -192,6 +196,7 @@ class Cell:
         extras = {"clean_seed": self.clean_seed, "repeats": self.repeats if self.repeats > 1 else None,
                   "prune_counts": list(self.prune_counts) if self.defense == "rnp" and self.prune_counts else None,
                   "attack_properties": True if subject and self.attack_properties else None,
+                  "cost_floor": False if self.defense == "rnp" and not self.cost_floor else None,
                   "exposure": config_dict(self.exposure) if subject and self.exposure else None}
         return {key: value for key, value in extras.items() if value is not None}
 
@@ -222,6 +227,7 @@ class Grid:
     prune_counts: list[int] = field(default_factory=list)
     attack_properties: bool = False
     exposure: ExposureConfig | None = None
+    cost_floor: bool = True
 
     def subjects(self) -> list[Subject]:
         return [Subject(name, spec, model["arch"], model.get("width", 16), attack, _attack_params(params),
@@ -251,7 +257,7 @@ class Grid:
                                 clean_seed=clean_seed, repeats=self.repeats,
                                 prune_counts=tuple(self.prune_counts),
                                 attack_properties=self.attack_properties, exposure=self.exposure,
-                                device=str(device))
+                                cost_floor=self.cost_floor, device=str(device))
                     cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
@@ -302,7 +308,8 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         repeats=_int(raw.get("repeats", 1), "repeats", minimum=1),
         prune_counts=[_int(k, "prune_counts", minimum=1) for k in _list(raw.get("prune_counts", []), "prune_counts")],
         attack_properties=_bool(raw.get("attack_properties", False), "attack_properties"),
-        exposure=_exposure(raw.get("exposure")))
+        exposure=_exposure(raw.get("exposure")),
+        cost_floor=_bool(raw.get("cost_floor", True), "cost_floor"))
     _check_measurements(grid)
     return grid
 
