@@ -55,6 +55,9 @@ def studies(tmp_path_factory, data) -> dict:
         "exposure": study(root, data, "exposure", defenses={"none": {}},
                           attacks=[{"name": "none", "seeds": [0, 1]}, "badnets"],
                           exposure={**EXPOSURE_FAST, "cleanse": True}),
+        "labels": study(root, data, "labels", defenses={"none": {}},
+                        attacks=[{"name": "none", "seeds": [0]}, "badnets"],
+                        label_runs={"runs": 3, "subset": 0.5, "amp": "off"}),
     }
 
 
@@ -113,6 +116,21 @@ def test_exposure_of_clean_and_backdoored_subjects(studies):
     assert (out / "exposure_scores.png").stat().st_size > 1000
 
 
+def test_label_runs_of_clean_and_backdoored_subjects(studies):
+    out, text, _ = studies["labels"]
+    rows = {r["label"]["attack"]: r for r in records(out)}
+    assert rows["clean"]["label_runs"]["backdoored"] is False and rows["badnets"]["label_runs"]["true_target"] == 0
+    for record in rows.values():
+        runs = record["label_runs"]["runs"]
+        assert len(runs) == 3 and record["cell"]["label_runs"] == {"runs": 3, "subset": 0.5, "amp": "off"}
+        clean_images = len(record["clean_indices"])
+        for run in runs:
+            assert sum(map(sum, run["confusion"])) == clean_images and len(run["drift_shares"]) == 3
+            assert run["candidate"] == max(range(3), key=run["drift_shares"].__getitem__) and run["steps"] >= 1
+        assert len({tuple(run["drift_shares"]) for run in runs}) > 1  # other images, other seeds
+    assert "## Label over repeated unlearnings" in text and "| badnets seed 0 |" in text
+
+
 def test_report_only_rerenders_several_grids_after_a_code_change(studies, monkeypatch, capsys):
     paths = [studies[name][2] for name in ("attacks", "exposure")]
     for name in ("attacks", "exposure"):
@@ -152,6 +170,10 @@ def test_a_defense_row_takes_its_own_clean_seeds(data):
     ({"prune_counts": [5], "curve_images": 0}, "it needs an rnp defense and curve_images > 0"),
     ({"attack_properties": "yes"}, "'attack_properties' takes true or false"),
     ({"cost_floor": "false"}, "'cost_floor' takes true or false"),
+    ({"label_runs": {"runs": 0}}, "label_runs: runs takes integers >= 1"),
+    ({"label_runs": {"subset": 1.5}}, "label_runs: subset takes a share in \\(0, 1\\]"),
+    ({"label_runs": {"amp": "auto"}}, "label_runs: amp takes 'on' or 'off'"),
+    ({"label_runs": True, "defenses": {"rnp": {}}}, "add the defense 'none'"),
     ({"attack_properties": True, "defenses": {"rnp": {}}}, "add the defense 'none'"),
     ({"exposure": {"samples": 0}, "retuning": None}, "exposure: samples takes integers >= 1"),
     ({"exposure": {"budget": 3}}, "exposure has no setting budget"),
@@ -181,7 +203,8 @@ def test_every_benchmark_grid_is_valid(path, data):
 
 def test_grid_records_describe_only_the_measurements_that_are_on(data):
     plain = parse_grid(grid_dict(data, retuning=None)).cells({"tiny": "sum"})
-    assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor"} & set(
+    assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor",
+                "label_runs"} & set(
         json.loads(json.dumps(plain[0].describe())))
 
 

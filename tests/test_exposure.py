@@ -8,7 +8,8 @@ from torch import nn
 
 import rnp.detection
 from rnp.defenses import FP, RNP, ExposedFP
-from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
+from rnp.detection.exposure import (Exposure, detect_backdoored_model, detect_target_label, expose, expose_runs,
+                                   run_summaries)
 from rnp.detection.poisoned_samples import LossScore, UnlearnedMargin
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr
@@ -60,6 +61,25 @@ def test_the_target_is_where_the_predictions_drift(synthetic_backdoor):
     for seed in range(3):
         found = detect_target_label(expose(synthetic_backdoor.model, synthetic_backdoor.clean, seed=seed))
         assert found.candidate == synthetic_backdoor.target, seed
+
+
+def test_repeated_unlearnings_draw_their_own_images_and_seeds(synthetic_backdoor):
+    clean = synthetic_backdoor.clean
+    runs = expose_runs(synthetic_backdoor.model, clean, 3, 0.5, seed=4)
+    assert [len(e.clean) for e in runs] == [round(len(clean) / 2)] * 3
+    assert len({e.clean.images[:8].sum().item() for e in runs}) == 3  # three draws of the images
+    again = expose_runs(synthetic_backdoor.model, clean, 3, 0.5, seed=4)
+    assert all(torch.equal(a.prediction_counts, b.prediction_counts) for a, b in zip(runs, again))
+    summaries = run_summaries(runs, clean)
+    assert [s["candidate"] for s in summaries] == [int(e.drift_shares().argmax()) for e in runs]
+    assert all(sum(map(sum, s["confusion"])) == len(clean) for s in summaries)
+
+
+@pytest.mark.parametrize("runs, subset, message", [(0, 0.5, "runs takes integers"), (2, 0.0, "subset is a share"),
+                                                   (2, 1.5, "subset is a share")])
+def test_repeated_unlearnings_refuse_bad_settings(synthetic_backdoor, runs, subset, message):
+    with pytest.raises(RnpError, match=message):
+        expose_runs(synthetic_backdoor.model, synthetic_backdoor.clean, runs, subset)
 
 
 def test_threshold_decides_whether_the_candidate_is_named(exposure):

@@ -22,7 +22,7 @@ import torch
 from rnp import __version__
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
-from rnp.bench.measurements import attack_properties, measure_exposure
+from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs
 from rnp.bench.memory import PeakMemory
 from rnp.bench.retuning import retune, retuning_set
 from rnp.bench.subjects import cached_subject, subject_code
@@ -133,6 +133,8 @@ def _subject_measurements(cell: Cell, model, clean, subject: dict, control_dir: 
     if cell.exposure is not None:
         poisoned = _poisoned_train(subject) if run.attack is not None else None
         found["exposure"] = measure_exposure(run, model, clean, poisoned, cell.exposure, seed=cell.seed)
+    if cell.label_runs is not None:
+        found["label_runs"] = measure_label_runs(run, model, clean, cell.label_runs, seed=cell.seed)
     return found
 
 

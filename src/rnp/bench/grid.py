@@ -33,8 +33,8 @@ costly baselines);
 ``prune_counts`` adds RNP's oracle ranking (CA / ASR after pruning its first k channels);
 ``cost_floor: false`` skips timing RNP's optimisation floor (:mod:`rnp.bench.cost`), which in
 float32 can take longer than a bfloat16 RNP run itself, where a study needs no cost figures;
-``attack_properties`` and ``exposure`` (:mod:`rnp.bench.measurements`) measure each subject in
-its undefended cell. An attack entry may carry its own ``poison_rate`` and ``seeds``, and the
+``attack_properties``, ``exposure`` and ``label_runs`` (:mod:`rnp.bench.measurements`) measure
+each subject in its undefended cell. An attack entry may carry its own ``poison_rate`` and ``seeds``, and the
 attack ``none`` is a clean subject.
 """
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from rnp import __version__
 from rnp.attacks import ATTACKS
-from rnp.bench.measurements import ExposureConfig
+from rnp.bench.measurements import ExposureConfig, LabelRunsConfig
 from rnp.bench.retuning import RetuningConfig
 from rnp.bench.suite import suite_attack
 from rnp.defenses import DEFENSES
@@ -69,7 +69,8 @@ NO_ATTACK = "none"
 
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
              "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output",
-             "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor"}
+             "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor",
+             "label_runs"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Cell:
     prune_counts: tuple[int, ...] = ()
     attack_properties: bool = False
     exposure: ExposureConfig | None = None
+    label_runs: LabelRunsConfig | None = None
     cost_floor: bool = True
     """Whether an RNP cell times its optimisation floor (:func:`rnp.bench.cost.optimisation_floor`)."""
     device: str = "cpu"
@@ -149,7 +151,8 @@ class Cell:
     @property
     def measures_subject(self) -> bool:
         """Whether this cell (the undefended one) measures its subject."""
-        return self.defense == NO_DEFENSE and (self.attack_properties or self.exposure is not None)
+        return self.defense == NO_DEFENSE and (self.attack_properties or self.exposure is not None
+                                               or self.label_runs is not None)
 
     @property
     def control(self) -> Subject | None:
@@ -197,7 +200,8 @@ class Cell:
                   "prune_counts": list(self.prune_counts) if self.defense == "rnp" and self.prune_counts else None,
                   "attack_properties": True if subject and self.attack_properties else None,
                   "cost_floor": False if self.defense == "rnp" and not self.cost_floor else None,
-                  "exposure": config_dict(self.exposure) if subject and self.exposure else None}
+                  "exposure": config_dict(self.exposure) if subject and self.exposure else None,
+                  "label_runs": config_dict(self.label_runs) if subject and self.label_runs else None}
         return {key: value for key, value in extras.items() if value is not None}
 
 
@@ -227,6 +231,7 @@ class Grid:
     prune_counts: list[int] = field(default_factory=list)
     attack_properties: bool = False
     exposure: ExposureConfig | None = None
+    label_runs: LabelRunsConfig | None = None
     cost_floor: bool = True
 
     def subjects(self) -> list[Subject]:
@@ -257,7 +262,7 @@ class Grid:
                                 clean_seed=clean_seed, repeats=self.repeats,
                                 prune_counts=tuple(self.prune_counts),
                                 attack_properties=self.attack_properties, exposure=self.exposure,
-                                cost_floor=self.cost_floor, device=str(device))
+                                label_runs=self.label_runs, cost_floor=self.cost_floor, device=str(device))
                     cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
@@ -308,7 +313,8 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         repeats=_int(raw.get("repeats", 1), "repeats", minimum=1),
         prune_counts=[_int(k, "prune_counts", minimum=1) for k in _list(raw.get("prune_counts", []), "prune_counts")],
         attack_properties=_bool(raw.get("attack_properties", False), "attack_properties"),
-        exposure=_exposure(raw.get("exposure")),
+        exposure=_measurement(ExposureConfig, raw.get("exposure"), "exposure"),
+        label_runs=_measurement(LabelRunsConfig, raw.get("label_runs"), "label_runs"),
         cost_floor=_bool(raw.get("cost_floor", True), "cost_floor"))
     _check_measurements(grid)
     return grid
@@ -337,25 +343,26 @@ def _clean_seeds(raw) -> list[int] | None:
     return seeds
 
 
-def _exposure(raw) -> ExposureConfig | None:
-    """The exposure measurement's settings; omitted or false: none, true: the defaults."""
+def _measurement(config_class, raw, key: str):
+    """A measurement's settings (``exposure``, ``label_runs``); omitted or false: none, true:
+    the defaults."""
     if raw is None or raw is False:
         return None
-    settings = _mapping({} if raw is True else raw, "exposure")
-    _check_fields(ExposureConfig, settings, "exposure")
-    _check_types(ExposureConfig, settings, "exposure")
+    settings = _mapping({} if raw is True else raw, key)
+    _check_fields(config_class, settings, key)
+    _check_types(config_class, settings, key)
     try:
-        return ExposureConfig(**settings)
+        return config_class(**settings)
     except RnpError as error:
-        raise RnpError(f"exposure: {error}") from None
+        raise RnpError(f"{key}: {error}") from None
 
 
 def _check_measurements(grid: Grid) -> None:
     """The measurements a grid asks for have the cells they are made in."""
     defenses = {defense for defense, _ in grid.defenses.values()}
-    if (grid.attack_properties or grid.exposure) and NO_DEFENSE not in defenses:
-        raise RnpError("'attack_properties' and 'exposure' measure each subject in its undefended cell: "
-                       "add the defense 'none'")
+    if (grid.attack_properties or grid.exposure or grid.label_runs) and NO_DEFENSE not in defenses:
+        raise RnpError("'attack_properties', 'exposure' and 'label_runs' measure each subject in its "
+                       "undefended cell: add the defense 'none'")
     if grid.prune_counts and ("rnp" not in defenses or not grid.curve_images):
         raise RnpError("'prune_counts' measures RNP's ranking on the curve_images test subset: "
                        "it needs an rnp defense and curve_images > 0")

@@ -1,5 +1,6 @@
 """What an undefended cell measures about its subject, when the grid asks: the attack's
-properties (``attack_properties``) and what RNP's unlearned model exposes (``exposure``).
+properties (``attack_properties``), what RNP's unlearned model exposes (``exposure``) and where
+repeated unlearnings drift (``label_runs``).
 
 - **Attack properties**: how the attack poisons (mode, rate, in words), the seconds spent
   fitting it and training the subject, and the clean accuracy of its clean twin (the same
@@ -13,6 +14,11 @@ properties (``attack_properties``) and what RNP's unlearned model exposes (``exp
   With ``cleanse``, the training samples the unlearned model flags (threshold: 5% false
   positives on the defender's clean images) are dropped and the model is retrained with the
   subject's recipe (as long as training the subject: a grid of its own).
+- **Label runs** (:func:`rnp.detection.expose_runs`): ``runs`` unlearnings, each on a random
+  ``subset`` share of the cell's clean set with its own seed, in the precision ``amp``; per run
+  the class the predictions drifted to, the drift shares, the steps, and the unlearned model's
+  predictions on the whole clean set (shares and confusion matrix). Raw material for a label
+  and model verdict whose false alarms are measured on many clean subjects (issue 16).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 from rnp.attacks import PoisonedSet
 from rnp.data.images import ImageSet
 from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, detect_backdoored_model,
-                           detect_target_label, expose, recover_on_both, true_trigger_mask)
+                           detect_target_label, expose, expose_runs, recover_on_both, run_summaries,
+                           true_trigger_mask)
 from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr, tpr_at_fpr
@@ -51,6 +58,32 @@ class ExposureConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RnpError(f"{name} takes integers >= 1, got {value!r}")
+
+
+@dataclass
+class LabelRunsConfig:
+    """Repeated unlearnings of the subject (grid key ``label_runs``)."""
+
+    runs: int = 8  # unlearnings, seeds clean_seed, clean_seed + 1, ...
+    subset: float = 0.5  # share of the clean set each unlearning draws
+    amp: str = "on"  # RNP's precision: "on" (bfloat16 autocast on the CPU) or "off"
+
+    def __post_init__(self):
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise RnpError(f"runs takes integers >= 1, got {self.runs!r}")
+        if isinstance(self.subset, bool) or not isinstance(self.subset, (int, float)) or not 0 < self.subset <= 1:
+            raise RnpError(f"subset takes a share in (0, 1], got {self.subset!r}")
+        if self.amp not in ("on", "off"):
+            raise RnpError(f"amp takes 'on' or 'off', got {self.amp!r}")
+
+
+def measure_label_runs(run, model, clean: ImageSet, config: LabelRunsConfig, *, seed: int) -> dict:
+    """Where ``config.runs`` unlearnings of ``model`` drift, with the subject's true target."""
+    attack = run.attack
+    exposures = expose_runs(model, clean, config.runs, config.subset, seed=seed, amp=config.amp)
+    return {"backdoored": attack is not None, "mode": attack.mode if attack is not None else None,
+            "true_target": attack.target if attack is not None and attack.mode == "all2one" else None,
+            "runs": run_summaries(exposures, clean)}
 
 
 def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> dict:

@@ -6,7 +6,8 @@
 - **defenses side by side**: CA, ASR and DER after each defense, subject by defense;
 - **RNP's ranking** (``prune_counts``): the oracle's CA / ASR after pruning the first k
   channels in mask order, per RNP setting;
-- **exposure** (``exposure``): target label, model score, trigger recovery, sample detection.
+- **exposure** (``exposure``): target label, model score, trigger recovery, sample detection;
+- **label runs** (``label_runs``): the class each of several unlearnings drifted to.
 
 Percentages are computed from the records' fractions, nothing is re-measured.
 """
@@ -31,7 +32,8 @@ SAMPLE_DETECTORS = ("unlearned", "loss", "ac", "ss", "strip")
 def study_sections(records: list[dict]) -> list[str]:
     """Every study section the records fill, in a fixed order."""
     ok = [r for r in records if r["status"] == "ok"]
-    sections = (attack_table(ok), seeds_table(ok), pivot_tables(ok), ranking_table(ok), exposure_tables(ok))
+    sections = (attack_table(ok), seeds_table(ok), pivot_tables(ok), ranking_table(ok), exposure_tables(ok),
+                label_runs_table(ok))
     return [section for section in sections if section]
 
 
@@ -257,3 +259,34 @@ def _cleansing_table(rows: list[dict]) -> str:
                       f"{c['retrain_seconds']:.0f}"])
     return ("Cleansing: the samples the unlearned model flags dropped, the model retrained:\n\n"
             + render_table(table, markdown=True))
+
+
+def label_runs_table(records: list[dict]) -> str:
+    """Per subject: the class each repeated unlearning drifted to, how many runs agree on the
+    most frequent one, its drift share, and the steps the runs took."""
+    rows = [r for r in records if "label_runs" in r]
+    if not rows:
+        return ""
+    table = [["subject", "clean seed", "true target", "run classes", "most frequent (runs)",
+              "its drift share", "top drift share per run", "steps"]]
+    for r in rows:
+        found, runs = r["label_runs"], r["label_runs"]["runs"]
+        classes = [run["candidate"] for run in runs]
+        mode = max(set(classes), key=lambda c: (classes.count(c), -c))
+        top = [max(run["drift_shares"]) for run in runs]
+        steps = [run["steps"] for run in runs]
+        truth = ("all-to-all" if found["mode"] == "all2all" else str(found["true_target"])) \
+            if found["backdoored"] else "clean"
+        table.append([_subject(r), r["label"].get("clean_seed", "-"), truth, " ".join(map(str, classes)),
+                      f"{mode} ({classes.count(mode)}/{len(classes)})",
+                      _share_spread([run["drift_shares"][mode] for run in runs]),
+                      f"{min(top):.2f}-{max(top):.2f}", f"{min(steps)}-{max(steps)}"])
+    return "\n".join(["## Label over repeated unlearnings", "",
+                      "Each run unlearns on a random part of the clean set with its own seed; its class is "
+                      "the one its predictions drifted to most. Drift shares are fractions of the predictions "
+                      "(mean ± sd over the runs).", "", render_table(table, markdown=True)])
+
+
+def _share_spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"

@@ -6,7 +6,7 @@ it, and detection, which builds on RNP's unlearning, sits above the defenses); i
 here too, with the MAD anomaly index of :mod:`rnp.metrics`."""
 
 from rnp.detection.exposure import (Exposure, LabelDetection, ModelDetection, detect_backdoored_model,
-                                    detect_target_label, expose)
+                                    detect_target_label, expose, expose_runs, run_summaries)
 from rnp.detection.poisoned_samples import (SAMPLE_DETECTORS, ActivationClustering, LossScore,
                                             SpectralSignatures, Strip, UnlearnedMargin)
 from rnp.detection.trigger_recovery import (TriggerComparison, mask_iou, recover_on_both,
@@ -16,7 +16,7 @@ from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig
 from rnp.metrics.detection import anomaly_indices
 
 __all__ = ["Exposure", "LabelDetection", "ModelDetection", "detect_backdoored_model", "detect_target_label",
-           "expose", "SAMPLE_DETECTORS",
+           "expose", "expose_runs", "run_summaries", "SAMPLE_DETECTORS",
            "ActivationClustering", "LossScore", "SpectralSignatures", "Strip", "UnlearnedMargin",
            "TriggerComparison", "mask_iou", "recover_on_both", "trigger_success", "true_trigger_mask",
            "RecoveredTrigger", "TriggerReverseConfig", "anomaly_indices", "apply_trigger",

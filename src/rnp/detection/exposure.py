@@ -12,7 +12,10 @@ observation into a backdoored-model test. This module makes both first-class:
 - :func:`detect_target_label` names the class the predictions drift to during unlearning, and
   says when none stands out (a clean model, or an all-to-all backdoor);
 - :func:`detect_backdoored_model` scores the unlearned model's prediction histogram on the
-  clean images by its variance across classes, EBYD's statistic, with EBYD's threshold 0.01.
+  clean images by its variance across classes, EBYD's statistic, with EBYD's threshold 0.01;
+- :func:`expose_runs` repeats the unlearning on random parts of the clean images with other
+  seeds and :func:`run_summaries` says where each run drifted (issue 16's development data:
+  how often one class wins, on clean and on backdoored models).
 
 Both read only the defender's clean images and the unlearning run (nothing from test data or
 poisoned data), so they can be run by a defender as they are.
@@ -29,9 +32,10 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.defenses.base import prepare_inputs
 from rnp.defenses.rnp import RNP, RNPConfig, RNPResult
+from rnp.errors import RnpError
 from rnp.metrics.detection import anomaly_indices
 from rnp.training.evaluate import predict
-from rnp.utils import model_device
+from rnp.utils import generator_for, model_device
 
 EBYD_VARIANCE_THRESHOLD = 0.01
 """Variance of the class shares above which EBYD's ``detections/Unlearning.py`` calls a model
@@ -95,6 +99,49 @@ def expose(model: nn.Module, clean_data, config: RNPConfig | None = None, *,
     start = time.perf_counter()
     unlearned, summary, counts = defense.unlearn(original, clean, device)
     return Exposure(original, unlearned.eval(), clean, summary, counts, time.perf_counter() - start)
+
+
+def expose_runs(model: nn.Module, clean_data, runs: int, subset: float, config: RNPConfig | None = None,
+                *, seed: int = 0, progress: bool = False, **overrides) -> list[Exposure]:
+    """``runs`` unlearnings of copies of ``model``, run ``r`` on a random ``subset`` share of the
+    clean images (drawn with its own seeded generator) with RNP's seed ``seed + r``.
+
+    One unlearning names the class its predictions drift to; whether another draw of the images
+    and another batch order name the same class tells a target the model carries from a class
+    the collapse of one clean set happens to favour. Each exposure's ``clean`` is its own part.
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise RnpError(f"runs takes integers >= 1, got {runs!r}")
+    if not 0 < subset <= 1:
+        raise RnpError(f"subset is a share of the clean images in (0, 1], got {subset!r}")
+    _, clean, _ = prepare_inputs(model, clean_data)
+    size = max(1, round(subset * len(clean)))
+    exposures = []
+    for run in range(runs):
+        pick = torch.randperm(len(clean), generator=generator_for(seed, f"exposure-run-{run}"))[:size]
+        exposures.append(expose(model, clean.subset(pick.sort().values), config, progress=progress,
+                                **{**overrides, "seed": seed + run}))
+    return exposures
+
+
+def run_summaries(exposures: list[Exposure], clean: ImageSet) -> list[dict]:
+    """Per unlearning: the class its predictions drifted to (``candidate``), every class's drift
+    share, the steps it took, and the unlearned model's predictions on all of ``clean`` as
+    shares per class and as a confusion matrix (rows: the images' labels, counts), which shows
+    whether the collapse is one class for every label (all-to-one) or a map between classes."""
+    summaries = []
+    for exposure in exposures:
+        shares = exposure.drift_shares()
+        predictions = predict(exposure.unlearned, clean, device=model_device(exposure.unlearned))
+        classes = exposure.prediction_counts.shape[1]
+        confusion = torch.zeros(classes, classes, dtype=torch.long)
+        confusion.index_put_((clean.labels.long(), predictions.long()), torch.ones_like(predictions).long(),
+                             accumulate=True)
+        summaries.append({"candidate": int(shares.argmax()), "drift_shares": [round(float(v), 6) for v in shares],
+                          "steps": exposure.unlearning["steps"], "seconds": exposure.seconds,
+                          "final_shares": [round(float(v), 6) for v in confusion.sum(0).double() / len(clean)],
+                          "confusion": confusion.tolist()})
+    return summaries
 
 
 @dataclass(frozen=True)
