@@ -213,3 +213,14 @@ def test_quiet_grid_shows_no_training_bars(data, tmp_path, capsys):
                                                          output=str(tmp_path / "out")))
     assert main(["bench", str(grid), "--cache", str(tmp_path / "models"), "--device", "cpu", "--quiet"]) == 0
     assert "epoch 1/1" not in capsys.readouterr().err
+
+
+def test_a_run_of_some_rows_or_subjects_reports_the_whole_grid(data, tmp_path):
+    grid = write_grid(tmp_path / "part.yaml", grid_dict(data, name="part", defenses={"none": {}, "ft": FT_FAST},
+                                                        retuning=None, output=str(tmp_path / "out")))
+    base = ["bench", str(grid), "--cache", str(tmp_path / "models"), "--device", "cpu", "--quiet"]
+    assert main(base) == 0
+    for part in (["--defenses", "none"], ["--subjects", "badnets"]):
+        (tmp_path / "out" / "results.md").unlink()
+        assert main([*base, *part]) == 0
+        assert "| ft |" in (tmp_path / "out" / "results.md").read_text()

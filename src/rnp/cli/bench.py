@@ -46,6 +46,8 @@ def _bench(grid, path: str, args) -> int:
         skipped = f", {len(run.skipped)} skipped (subject not trained yet)" if run.skipped else ""
         print(f"{len(run.computed)} cells computed, {len(records) - len(run.computed)} reused, "
               f"{len(failures)} failed{skipped}, in {run.seconds:.0f} s", file=sys.stderr)
+        if args.defenses or args.subjects:  # the report covers the whole grid, not the part run
+            records = finished_records(grid, out, data_cache, str(device))
     text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare)
     print(text)
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, cells in {out / 'cells'}", file=sys.stderr)
