@@ -29,7 +29,7 @@ OLD_FIELDS = ["batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlear
               "threshold", "prune_number", "tolerance", "max_prune_fraction", "mask_layers",
               "channels_last", "amp", "seed"]
 NEW_DEFAULTS = {"exposure_share": 2.0, "mask_runs": 1, "mask_runs_unlearn": False, "unlearn_depths": (),
-                "repair_epochs": 0, "repair_lr": 0.01}
+                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,28 @@ def test_every_option_is_a_flag_of_rnp_defend(capsys, monkeypatch):
     assert main(["defend", "--method", "rnp", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--repair-epochs", "--repair-lr", "--exposure-share", "--mask-runs",
-                 "--mask-runs-unlearn", "--unlearn-depths", "'exposure' (experimental"):
+                 "--mask-runs-unlearn", "--unlearn-depths", "--mask-skip-last", "'exposure' (experimental"):
         assert flag in text
+
+
+# Masks without the last layer
+
+def test_skipping_the_last_layer_masks_and_prunes_every_other_layer_alone(trained, clean):
+    full = RNP(**FAST, seed=3).fit(trained, clean)
+    skipped = RNP(**FAST, seed=3, mask_skip_last=True, prune_rule="number", prune_number=6).fit(trained, clean)
+    assert full.masks.layer_names[-1] == "bn"
+    assert skipped.masks.layer_names == full.masks.layer_names[:-1]
+    assert skipped.report["mask_layers"]["layers"] == len(full.masks.layer_names) - 1
+    assert torch.equal(skipped.model.bn.weight, trained.bn.weight)
+    pruned = {d["layer"] for d in skipped.report["pruning"]["channels"]}
+    assert len(skipped.report["pruning"]["channels"]) == 6 and "bn" not in pruned
+    assert skipped.report["config"]["mask_skip_last"] is True
+
+
+def test_skipping_the_only_mask_layer_is_refused(clean):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4))
+    with pytest.raises(RnpError, match="one maskable layer"):
+        RNP(**FAST, mask_skip_last=True).fit(model, clean)
 
 
 # Mask averaging

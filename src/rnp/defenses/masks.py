@@ -61,18 +61,23 @@ def parse_layer_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ..
     return items
 
 
-def maskable_layers(model: nn.Module, kinds="auto") -> list[tuple[str, nn.Module]]:
+def maskable_layers(model: nn.Module, kinds="auto", *, skip_last: bool = False) -> list[tuple[str, nn.Module]]:
     """The model's layers of the given kinds that carry masks, in registration order.
 
     ``kinds="auto"`` takes the first of BatchNorm, LayerNorm, or convolution + linear that the
-    model has. Raises :class:`RnpError` naming the layer types found when none qualifies.
+    model has. ``skip_last`` leaves out the last of them (in a PreAct-ResNet, the BatchNorm
+    before pooling, whose channels feed the classifier directly). Raises :class:`RnpError`
+    naming the layer types found when none qualifies.
     """
     kinds = parse_layer_kinds(kinds)
     candidates = AUTO_CHOICES if kinds == ("auto",) else (kinds,)
     for choice in candidates:
         layers = _layers_of(model, choice)
+        if skip_last and len(layers) == 1:
+            raise RnpError(f"the model has one maskable layer ({layers[0][0]}): skipping the last "
+                           f"leaves nothing to mask")
         if layers:
-            return layers
+            return layers[:-1] if skip_last else layers
     found = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
     summary = ", ".join(f"{name} x{count}" for name, count in found.most_common()) or "none"
     wanted = "BatchNorm, LayerNorm, convolution or hidden linear" if kinds == ("auto",) else "/".join(kinds)
@@ -145,11 +150,11 @@ class ChannelScores:
 
 
 class MaskSet:
-    """Masks attached to a model's layers of the given kinds (see :func:`maskable_layers`);
-    :meth:`scores` reads them out."""
+    """Masks attached to a model's layers of the given kinds (see :func:`maskable_layers`,
+    ``skip_last`` too); :meth:`scores` reads them out."""
 
-    def __init__(self, model: nn.Module, kinds="auto"):
-        self.layers = maskable_layers(model, kinds)
+    def __init__(self, model: nn.Module, kinds="auto", *, skip_last: bool = False):
+        self.layers = maskable_layers(model, kinds, skip_last=skip_last)
         for _, module in self.layers:
             parametrize.register_parametrization(module, "weight", ChannelMask(module.weight))
 

@@ -128,6 +128,10 @@ class RNPConfig:
     mask_layers: str = "auto"
     """Layers that carry masks: auto (BatchNorm if any, else LayerNorm, else convolution and linear)
     or a comma list of batchnorm, layernorm, conv, linear (paper: batchnorm)."""
+    mask_skip_last: bool = field(default=False, metadata={"omit": False})
+    """Experimental (issue 15): leave the last of the mask layers (registration order) unmasked,
+    and so never pruned. In a PreAct-ResNet that is the BatchNorm before pooling: at width 32 its
+    masks fall first on every clean set and pruning them leaves Blend's backdoor in place."""
     channels_last: bool | None = field(default=None, metadata={"omit": False})
     """Unlearn and recover with channels-last weights: speed only, not in the paper; unset: on
     where bfloat16 runs on the CPU, off in float32 so that a seed keeps giving the same result."""
@@ -232,7 +236,7 @@ class RNP(RemovalDefense):
     def purify(self, model: nn.Module, clean_data) -> RNPResult:
         original, clean, device = prepare_inputs(model, clean_data)
         cfg = self.config
-        layers = maskable_layers(original, cfg.mask_layers)
+        layers = maskable_layers(original, cfg.mask_layers, skip_last=cfg.mask_skip_last)
         timer = StageTimer()
         unlearned, unlearning, drift, scores, push, runs = self._masks(original, clean, device, timer)
         with timer.stage("prune"):
@@ -382,7 +386,7 @@ class RNP(RemovalDefense):
         model = copy.deepcopy(unlearned).requires_grad_(False)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        masks = MaskSet(model, cfg.mask_layers)
+        masks = MaskSet(model, cfg.mask_layers, skip_last=cfg.mask_skip_last)
         optimizer = torch.optim.SGD(masks.parameters, lr=cfg.recover_lr, momentum=cfg.recover_momentum)
         generator = generator_for(cfg.seed if seed is None else seed, "rnp-recover")
         push = torch.zeros(sum(p.numel() for p in masks.parameters))
