@@ -12,8 +12,8 @@ from torch import nn
 from helpers import separable_image_set
 from rnp import RNP, RNPConfig
 from rnp.cli.main import main
-from rnp.defenses.masks import ChannelScores, prune_channels
-from rnp.defenses.rnp_options import average_ranks, exposure_curve, spearman
+from rnp.defenses.masks import ChannelScores, channels_pruned, prune_channels
+from rnp.defenses.rnp_options import average_ranks, exposure_curve, spearman, target_gradient
 from rnp.errors import RnpError
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model
@@ -29,7 +29,7 @@ OLD_FIELDS = ["batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlear
               "threshold", "prune_number", "tolerance", "max_prune_fraction", "mask_layers",
               "channels_last", "amp", "seed"]
 NEW_DEFAULTS = {"exposure_share": 2.0, "mask_runs": 1, "mask_runs_unlearn": False, "unlearn_depths": (),
-                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False}
+                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False, "ranking": "masks"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_records_and_cache_keys_hold_no_new_field_at_its_default():
 
 @pytest.mark.parametrize("bad", [{"mask_runs": 0}, {"repair_epochs": -1}, {"repair_lr": 0.0},
                                  {"exposure_share": 1.0}, {"unlearn_depths": (0.5, 1.5)},
-                                 {"prune_rule": "exposures"}])
+                                 {"prune_rule": "exposures"}, {"ranking": "gradient"},
+                                 {"ranking": "target_gradient", "prune_rule": "threshold"}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(RnpError):
         RNPConfig(**bad)
@@ -66,7 +67,7 @@ def test_every_option_is_a_flag_of_rnp_defend(capsys, monkeypatch):
     assert main(["defend", "--method", "rnp", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--repair-epochs", "--repair-lr", "--exposure-share", "--mask-runs",
-                 "--mask-runs-unlearn", "--unlearn-depths", "--mask-skip-last", "'exposure' (experimental"):
+                 "--mask-runs-unlearn", "--unlearn-depths", "--mask-skip-last", "--ranking", "'exposure' (experimental"):
         assert flag in text
 
 
@@ -88,6 +89,32 @@ def test_skipping_the_only_mask_layer_is_refused(clean):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4))
     with pytest.raises(RnpError, match="one maskable layer"):
         RNP(**FAST, mask_skip_last=True).fit(model, clean)
+
+
+# Ranking by the unlearned model's target gradient
+
+def mean_log_prob(model, clean, target):
+    with torch.no_grad():
+        model.eval()
+        images = clean.images.float() / 255
+        return float(torch.log_softmax(model(images), 1)[:, target].mean())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_target_gradient_ranks_first_the_channels_that_hold_the_collapse_up(trained, clean, seed):
+    result = RNP(**FAST, seed=seed, ranking="target_gradient", prune_rule="number", prune_number=4).fit(trained, clean)
+    ranking, target = target_gradient(result.unlearned_model, clean, batch_size=16)
+    assert result.report["ranking"] == target and 0 <= target["class"] < 4 and 0 < target["share"] <= 1
+    order = ranking.order()
+    assert [(d["layer"], d["channel"]) for d in result.report["pruning"]["channels"]] == [
+        (ranking.layer_names[int(ranking.layers[i])], int(ranking.channels[i])) for i in order[:4]]
+    assert not torch.equal(order, result.masks.order())
+    unlearned, level = result.unlearned_model, mean_log_prob(result.unlearned_model, clean, target["class"])
+    drops = []
+    for index in (order[0], order[-1]):
+        with channels_pruned(unlearned, ranking, [index]) as pruned:
+            drops.append(level - mean_log_prob(pruned, clean, target["class"]))
+    assert drops[0] > 0 and drops[0] > drops[1]
 
 
 # Mask averaging

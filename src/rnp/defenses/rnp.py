@@ -60,7 +60,7 @@ from rnp.data.images import ImageSet
 from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare_inputs
 from rnp.defenses.masks import (ChannelScores, MaskSet, channels_pruned, maskable_layers, parse_layer_kinds,
                                 prune_channels)
-from rnp.defenses.rnp_options import average_masks, exposure_curve, rank_agreement, repair
+from rnp.defenses.rnp_options import average_masks, exposure_curve, rank_agreement, repair, target_gradient
 from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
@@ -71,6 +71,7 @@ from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, reso
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
 PRUNE_RULES = ("auto", "threshold", "number", "exposure")
+RANKINGS = ("masks", "target_gradient")
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 
 
@@ -144,6 +145,11 @@ class RNPConfig:
     exposure_share: float = field(default=2.0, metadata={"omit": 2.0})
     """Rule 'exposure' (experimental, issue 15): prune in mask order until the unlearned model's top
     class gets at most this many times 1/num_classes of its clean-set predictions."""
+    ranking: str = field(default="masks", metadata={"omit": "masks"})
+    """Order in which channels are pruned: 'masks' (paper), the recovered masks, lowest first;
+    'target_gradient' (experimental, issue 15), on the unlearned model, the first-order drop in
+    the mean log-probability of its dominant clean-set class if the channel were zeroed, largest
+    first (the masks are still recovered and reported). Not with prune_rule 'threshold'."""
     mask_runs: int = field(default=1, metadata={"omit": 1})
     """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
     rank the channels by their mean mask; 1: one recovery (paper)."""
@@ -164,6 +170,7 @@ class RNPConfig:
         for name, value, choices in (("stop_check", self.stop_check, STOP_CHECKS),
                                      ("tie_break", self.tie_break, TIE_BREAKS),
                                      ("prune_rule", self.prune_rule, PRUNE_RULES),
+                                     ("ranking", self.ranking, RANKINGS),
                                      ("amp", self.amp, AMP_MODES)):
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -180,6 +187,9 @@ class RNPConfig:
             raise RnpError(f"unlearn_depths must lie in [0, 1], got {list(self.unlearn_depths)}")
         if self.mask_runs < 1 or self.repair_epochs < 0:
             raise RnpError("mask_runs must be at least 1 and repair_epochs at least 0")
+        if self.ranking != "masks" and self.prune_rule == "threshold":
+            raise RnpError(f"prune_rule 'threshold' cuts at a mask value, so it needs ranking 'masks' "
+                           f"(got {self.ranking!r}): use auto, number or exposure")
         if not self.exposure_share > 1:
             raise RnpError(f"exposure_share must exceed 1 (the even share), got {self.exposure_share!r}")
 
@@ -241,6 +251,10 @@ class RNP(RemovalDefense):
         unlearned, unlearning, drift, scores, push, runs = self._masks(original, clean, device, timer)
         with timer.stage("prune"):
             order = scores.order(push if cfg.tie_break == "gradient" else None)
+            if cfg.ranking == "target_gradient":
+                ranking, target = target_gradient(unlearned, clean, cfg.mask_layers, skip_last=cfg.mask_skip_last,
+                                                  batch_size=cfg.batch_size, device=device)
+                order = ranking.order()
             count, selection = self.choose_pruning(original, clean, scores, order, device,
                                                    unlearned=unlearned)
             pruned = prune_channels(copy.deepcopy(original), scores, order[:count])
@@ -258,6 +272,8 @@ class RNP(RemovalDefense):
         }
         if runs is not None:
             report["mask_runs"] = runs
+        if cfg.ranking == "target_gradient":
+            report["ranking"] = target
         artifacts = {"masks": scores, "order": order, "unlearned_model": unlearned,
                      "original_model": original, "unlearning_predictions": drift}
         if cfg.repair_epochs:
@@ -491,7 +507,8 @@ class RNP(RemovalDefense):
 
 
 def threshold_sweep(result: DefenseResult, evaluate, thresholds=SWEEP_THRESHOLDS) -> list[dict]:
-    """Prunes the original model at each mask threshold and calls ``evaluate(model) -> dict``.
+    """Prunes the original model at each mask threshold (the channels whose mask is at most it,
+    whatever ``ranking`` ordered them by) and calls ``evaluate(model) -> dict``.
 
     Each distinct pruned count is evaluated once, on the original model pruned in place and
     restored afterwards (``evaluate`` must not keep the model it is given). With the defender's clean set this is a
@@ -500,11 +517,12 @@ def threshold_sweep(result: DefenseResult, evaluate, thresholds=SWEEP_THRESHOLDS
     never choose the operating point.
     """
     scores, original = result.artifacts["masks"], result.artifacts["original_model"]
-    order, rows, cache = result.artifacts["order"], [], {}
+    rows, cache = [], {}
     for threshold in thresholds:
-        count = int((scores.values <= threshold).sum())
+        chosen = torch.nonzero(scores.values <= threshold).flatten()
+        count = len(chosen)
         if count not in cache:
-            with channels_pruned(original, scores, order[:count]) as pruned:
+            with channels_pruned(original, scores, chosen) as pruned:
                 cache[count] = evaluate(pruned)
         rows.append({"threshold": threshold, "pruned": count, **cache[count]})
     return rows

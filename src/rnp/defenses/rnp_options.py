@@ -5,6 +5,8 @@ option (issue 15): none changes what RNP does at its defaults.
   unlearning depths) averaged into one mask per channel, and how far their rankings agree;
 - :func:`exposure_curve`: how many channels, pruned in mask order on the UNLEARNED model, end
   the concentration of its clean-set predictions on one class (the exposed backdoor's target);
+- :func:`target_gradient`: a ranking of the channels by how much zeroing each would lower the
+  unlearned model's log-probability of the class its clean-set predictions collapsed onto;
 - :func:`repair`: fine-tuning of the pruned model on the clean set with the pruned channels held
   at exactly zero, the repair stage that RNP's successors add (NFT, TSBD).
 
@@ -14,6 +16,7 @@ candidates, not recommendations.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -23,7 +26,9 @@ from torch import nn
 
 from rnp.data.images import ImageSet
 from rnp.defenses.finetune import clean_accuracy, fine_tune
-from rnp.defenses.masks import ChannelScores, channels_pruned, prune_channels
+from rnp.data.loader import iterate_batches
+from rnp.defenses.masks import ChannelScores, MaskSet, channels_pruned, prune_channels
+from rnp.models.probes import eval_mode
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo
 
@@ -119,3 +124,28 @@ def repair(model: nn.Module, clean: ImageSet, scores: ChannelScores, pruned: tor
              "seconds": ends[epoch + 1] - ends[epoch]} for epoch, stats in enumerate(history)]
     return {"epochs": rows, "clean_accuracy_before": before,
             "clean_accuracy_after": clean_accuracy(model, clean, device)}
+
+
+def target_gradient(unlearned: nn.Module, clean: ImageSet, kinds="auto", *, skip_last: bool = False,
+                    batch_size: int = 128, device="cpu") -> tuple[ChannelScores, dict]:
+    """Channels scored by their first-order share in the unlearned model's collapse onto one class.
+
+    The unlearned model sends most clean images to one class (a backdoored model's target, the
+    exposure RNP rests on). With a mask of 1 on every channel of the mask layers (``kinds``,
+    ``skip_last`` as :class:`rnp.defenses.masks.MaskSet`), the gradient of the mean
+    log-probability of that class on the clean set with respect to a mask estimates how much it
+    would fall if the channel were zeroed; the score is minus that gradient, so that
+    :meth:`ChannelScores.order` puts the channels that hold the collapse up most first. Returns
+    the scores and the class with its share of the clean-set predictions.
+    """
+    model = copy.deepcopy(unlearned).requires_grad_(False)
+    masks = MaskSet(model, kinds, skip_last=skip_last)
+    counts = torch.bincount(predict(model, clean, device=device), minlength=clean.num_classes)
+    target = int(counts.argmax())
+    with eval_mode(model):
+        for images, _ in iterate_batches(clean, batch_size, device=device):
+            log_probs = torch.log_softmax(model(images).float(), 1)[:, target]
+            (log_probs.sum() / len(clean)).backward()
+    scores = masks.scores()
+    ranking = ChannelScores(scores.layer_names, scores.sizes, -masks.flat_grad().cpu())
+    return ranking, {"rule": "target_gradient", "class": target, "share": float(counts[target]) / len(clean)}
