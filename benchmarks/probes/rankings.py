@@ -11,7 +11,6 @@ nothing. Usage (a record of the subject's grid cell names the subject):
     OMP_NUM_THREADS=1 python benchmarks/probes/rankings.py CELL.json 0,1,2
 """
 
-import json
 import sys
 import copy
 import time
@@ -19,29 +18,15 @@ import torch
 
 import rnp.defenses.rnp as R
 from rnp.defenses.masks import MaskSet, ChannelScores
-from rnp.bench.cells import _load_subject
+from oracle import subject_and_oracle
 from rnp.data.clean_subset import select_clean_subset
-from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
 
 torch.set_num_threads(1)
 
 cell_file, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
-r = json.load(open(cell_file))
-S = _load_subject(r["subject_run"], "/root/.cache/rnp/data", r["data_spec"])
-run = S["run"]
-model = run.model.eval()
-test, trig = run.data.test, S["triggered"]
-g = torch.Generator().manual_seed(0)
-tp = torch.randperm(len(test), generator=g)[:1000]
-rp = torch.randperm(len(trig.data), generator=g)[:1000]
-ts, rs, tl = test.subset(tp), trig.data.subset(rp), trig.target_labels[rp]
-
-
-def ev(m):
-    return round(100 * float(accuracy(predict(m, ts), ts.labels)), 1), round(
-        100 * float(accuracy(predict(m, rs), tl)), 1
-    )
+S, ev = subject_and_oracle(cell_file)
+model = S["run"].model.eval()
 
 
 def curve(scores, order, ks=(1, 2, 5, 10, 20, 40)):
