@@ -67,7 +67,8 @@ def test_every_option_is_a_flag_of_rnp_defend(capsys, monkeypatch):
     assert main(["defend", "--method", "rnp", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--repair-epochs", "--repair-lr", "--exposure-share", "--mask-runs",
-                 "--mask-runs-unlearn", "--unlearn-depths", "--mask-skip-last", "--ranking", "'exposure' (experimental"):
+                 "--mask-runs-unlearn", "--unlearn-depths", "--mask-skip-last", "--ranking",
+                 "'exposure' (experimental"):
         assert flag in text
 
 
