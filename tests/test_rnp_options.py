@@ -101,7 +101,7 @@ def mean_log_prob(model, clean, target):
         return float(torch.log_softmax(model(images), 1)[:, target].mean())
 
 
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("seed", [0, 4])
 def test_the_target_gradient_ranks_first_the_channels_that_hold_the_collapse_up(trained, clean, seed):
     result = RNP(**FAST, seed=seed, ranking="target_gradient", prune_rule="number", prune_number=4).fit(trained, clean)
     ranking, target = target_gradient(result.unlearned_model, clean, batch_size=16)
