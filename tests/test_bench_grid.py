@@ -277,6 +277,7 @@ def test_cells_expand_over_every_axis_and_keys_follow_settings(data):
 
 def test_one_defense_under_several_settings_is_several_named_rows(data):
     grid = parse_grid(grid_dict(data, defenses={"rnp": RNP_FAST, "rnp (paper)": {"defense": "rnp", **RNP_FAST,
+                                                                                 "ranking": "masks",
                                                                                  "prune_rule": "threshold"}}))
     plain, paper = grid.cells({"tiny": "abc"})
     assert (plain.defense, plain.name, paper.defense, paper.name) == ("rnp", "rnp", "rnp", "rnp (paper)")

@@ -46,7 +46,7 @@ def studies(tmp_path_factory, data) -> dict:
     """The four study kinds, run once into one folder (sharing the subject cache)."""
     root = tmp_path_factory.mktemp("studies")
     rnp_rows = {"none": {}, "rnp": RNP_FAST,
-                "rnp (threshold)": {"defense": "rnp", **RNP_FAST, "prune_rule": "threshold"}}
+                "rnp (threshold)": {"defense": "rnp", **RNP_FAST, "ranking": "masks", "prune_rule": "threshold"}}
     return {
         "attacks": study(root, data, "attacks", defenses={"none": {}}, attack_properties=True),
         "rnp": study(root, data, "rnp", defenses=rnp_rows, clean_seeds=[0, 1], prune_counts=[1, 2],

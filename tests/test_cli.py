@@ -86,7 +86,7 @@ def trained(tmp_path_factory, data3) -> Path:
 def defended(tmp_path_factory, trained) -> Path:
     out = tmp_path_factory.mktemp("defended") / "rnp"
     code = main(["defend", "--run", str(trained), "--method", "rnp", *RNP_FAST, "--oracle-sweep",
-                 "--threshold", "0.5", "--prune-rule", "threshold", "--out", str(out), "--quiet"])
+                 "--threshold", "0.5", "--prune-rule", "threshold", "--ranking", "masks", "--out", str(out), "--quiet"])
     assert code == 0
     return out
 

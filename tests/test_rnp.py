@@ -128,7 +128,8 @@ def forward_dtypes(model: nn.Module) -> list[tuple[bool, torch.dtype]]:
 def test_amp_on_unlearns_and_recovers_in_bfloat16_and_still_prunes(trained, clean):
     model = copy.deepcopy(trained)
     seen = forward_dtypes(model)
-    result = RNP(**FAST, seed=3, amp="on", recover_lr=0.2, prune_rule="threshold", threshold=0.95).fit(model, clean)
+    result = RNP(**FAST, seed=3, amp="on", recover_lr=0.2, ranking="masks", prune_rule="threshold",
+                 threshold=0.95).fit(model, clean)
     optimising = {dtype for training, dtype in seen if training}
     assert optimising == {torch.bfloat16}
     assert {dtype for training, dtype in seen if not training} == {torch.float32}  # the pruning rule
@@ -168,14 +169,15 @@ def test_amp_off_is_the_float32_result_bit_for_bit(trained, clean, result):
 def test_threshold_sets_the_pruned_count(trained, clean):
     counts = []
     for threshold in (0.5, 0.95):
-        result = RNP(**FAST, recover_lr=0.2, prune_rule="threshold", threshold=threshold).fit(trained, clean)
+        result = RNP(**FAST, recover_lr=0.2, ranking="masks", prune_rule="threshold",
+                     threshold=threshold).fit(trained, clean)
         assert result.report["pruning"]["pruned"] == int((result.masks.values <= threshold).sum())
         counts.append(result.report["pruning"]["pruned"])
     assert counts[0] < counts[1]
 
 
 def test_number_rule_prunes_the_lowest_masks(trained, clean):
-    result = RNP(**FAST, prune_rule="number", prune_number=5).fit(trained, clean)
+    result = RNP(**FAST, ranking="masks", prune_rule="number", prune_number=5).fit(trained, clean)
     values = sorted(c["mask"] for c in result.report["pruning"]["channels"])
     assert len(values) == 5
     assert values[-1] <= torch.sort(result.masks.values).values[5]
@@ -190,7 +192,7 @@ def test_auto_rule_keeps_clean_set_accuracy_within_tolerance(result, clean):
 
 
 def test_gradient_tie_break_orders_equal_masks_by_push(trained, clean):
-    result = RNP(**FAST, recover_lr=0.5, tie_break="gradient").fit(trained, clean)
+    result = RNP(**FAST, recover_lr=0.5, ranking="masks", tie_break="gradient").fit(trained, clean)
     order = result.artifacts["order"]
     values = result.masks.values[order]
     assert torch.all(values[1:] >= values[:-1])
@@ -198,8 +200,8 @@ def test_gradient_tie_break_orders_equal_masks_by_push(trained, clean):
 
 def test_paper_preset_is_the_published_recipe():
     config = RNP(preset="paper").config
-    assert (config.stop_check, config.recover_lr, config.tie_break, config.prune_rule,
-            config.threshold) == ("epoch", 0.2, "index", "threshold", 0.2)
+    assert (config.stop_check, config.recover_lr, config.tie_break, config.ranking, config.prune_rule,
+            config.threshold) == ("epoch", 0.2, "index", "masks", "threshold", 0.2)
     assert (config.unlearn_lr, config.unlearn_momentum, config.unlearn_weight_decay,
             config.unlearn_milestones, config.clean_threshold, config.alpha) == (0.01, 0.9, 5e-4, (10, 20), 0.2, 0.2)
     assert RNP(preset="paper", threshold=0.3).config.threshold == 0.3

@@ -17,6 +17,7 @@ from rnp.defenses.rnp_options import average_ranks, exposure_curve, spearman, ta
 from rnp.errors import RnpError
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model
+from rnp.runs.folder import config_from_dict
 from rnp.training import TrainConfig, train
 from rnp.utils import config_record
 
@@ -29,7 +30,7 @@ OLD_FIELDS = ["batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlear
               "threshold", "prune_number", "tolerance", "max_prune_fraction", "mask_layers",
               "channels_last", "amp", "seed"]
 NEW_DEFAULTS = {"exposure_share": 2.0, "mask_runs": 1, "mask_runs_unlearn": False, "unlearn_depths": (),
-                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False, "ranking": "masks"}
+                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,12 @@ def trained():
 
 
 def test_records_and_cache_keys_hold_no_new_field_at_its_default():
-    assert list(config_record(RNPConfig())) == OLD_FIELDS
+    assert list(config_record(RNPConfig(ranking="masks"))) == OLD_FIELDS
     assert list(config_record(RNPConfig.paper())) == [f for f in OLD_FIELDS if f != "amp"]  # off: omitted
+    # the default order came after records existed: recorded, so an old record still means masks
+    assert RNPConfig().ranking == "target_gradient" and RNPConfig.paper().ranking == "masks"
+    assert config_record(RNPConfig())["ranking"] == "target_gradient"
+    assert config_from_dict(RNPConfig, config_record(RNPConfig(ranking="masks"))).ranking == "masks"
     assert {f.name: f.default for f in dataclasses.fields(RNPConfig) if f.name in NEW_DEFAULTS} == NEW_DEFAULTS
     assert config_record(RNPConfig(mask_runs=2, unlearn_depths=[0.5]))["unlearn_depths"] == [0.5]
 

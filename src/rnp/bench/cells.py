@@ -197,8 +197,8 @@ def _rnp_details(cell: Cell, result, subject: dict, device) -> dict:
 
 
 def _pruned_first(result, count: int, oracle) -> dict:
-    """The oracle's CA and ASR after pruning the first ``count`` channels in RNP's mask order
-    (how well the masks rank the backdoor channels, whatever the pruning rule chose)."""
+    """The oracle's CA and ASR after pruning the first ``count`` channels in RNP's pruning order
+    (its ``ranking``: how well it ranks the backdoor channels, whatever the pruning rule chose)."""
     original, masks, order = (result.artifacts[k] for k in ("original_model", "masks", "order"))
     with channels_pruned(original, masks, order[:count]) as pruned:
         return {"count": count, **oracle(pruned)}

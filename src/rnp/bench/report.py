@@ -296,7 +296,7 @@ def figures(records: list[dict]) -> dict[str, Figure]:
                    "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["prefix_curve"]]},
                   x=[p["count"] for p in r["rnp"]["prefix_curve"]],
                   title=f"RNP ranking: {_name(r, ranked, RANKING_KEYS)}, {r['label']['defense']} (oracle analysis)",
-                  xlabel="channels pruned in mask order", ylabel="% of test subset")
+                  xlabel="channels pruned in RNP's order", ylabel="% of test subset")
             for r in ranked], columns=3)
     exposed = [r for r in ok if "exposure" in r]
     if exposed:

@@ -5,7 +5,7 @@
   has several seeds or ``clean_seeds``;
 - **defenses side by side**: CA, ASR and DER after each defense, subject by defense;
 - **RNP's ranking** (``prune_counts``): the oracle's CA / ASR after pruning the first k
-  channels in mask order, per RNP setting;
+  channels in RNP's pruning order (its ``ranking``), per RNP setting;
 - **exposure** (``exposure``): target label, model score, trigger recovery, sample detection;
 - **label runs** (``label_runs``): the class each of several unlearnings drifted to.
 
@@ -152,7 +152,7 @@ def ranking_table(records: list[dict]) -> str:
                       *(_spread([c[k]["clean_accuracy"] for c in curves if k in c]) for k in counts),
                       _spread([r["seconds"] for r in group], 1.0)])
     return "\n".join(["## RNP's ranking of the channels (oracle analysis)", "",
-                      "CA and ASR (%) after pruning the first k channels in RNP's mask order, on the "
+                      "CA and ASR (%) after pruning the first k channels in RNP's pruning order, on the "
                       f"{rows[0]['rnp']['curve_kind'].removeprefix('oracle analysis on ')} of the pruning "
                       "curve: test data a defender does not have; it judges the ranking and chooses nothing. "
                       "Mean ± sd over seeds.", "", render_table(table, markdown=True)])

@@ -11,6 +11,12 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
    the clean channels; masks of channels that carry the backdoor stay small.
 3. *Prune*: zero the low-mask channels' weights in the ORIGINAL model.
 
+The package prunes in another order by default (``ranking="target_gradient"``, issue 15): the
+channels whose zeroing would most lower the unlearned model's log-probability of the class its
+clean predictions collapsed onto. At width 32 the masks' order removed BadNets but left Blend
+and WaNet on two clean sets of three; this one removed all the development attacks on every
+clean set (docs/benchmarks/rnp-options-w32.md). ``ranking="masks"`` is the paper's order.
+
 Precision: ``amp`` runs the forward passes of unlearning and recovering under
 :func:`torch.autocast`, with the modes and the rule of :class:`rnp.training.TrainConfig`
 (:func:`rnp.utils.uses_amp`); weights and masks stay float32 parameters. The default "auto"
@@ -33,7 +39,8 @@ bfloat16 runs on the CPU, off in float32, so that a float32 seed keeps giving th
 Records (a grid cell's key, the report's config) hold ``amp`` and ``channels_last`` resolved
 for the device (:func:`rnp.utils.resolve_precision`), left out at float32's "off" and false.
 
-``RNPConfig.paper()`` is the published recipe of the official code. The package defaults
+``RNPConfig.paper()`` is the published recipe of the official code (mask order, threshold
+0.2). The package defaults
 differ where measurement showed the published recipe to be fragile on small models; each such
 field says so, and the documentation (docs/method/) lists the measurements.
 
@@ -121,7 +128,7 @@ class RNPConfig:
     threshold: float = 0.2
     """Rule 'threshold': prune channels with mask <= this."""
     prune_number: int = 10
-    """Rule 'number': prune this many channels in mask order."""
+    """Rule 'number': prune this many channels, first in the ranking's order."""
     tolerance: float = 0.02
     """Rule 'auto': the largest pruning whose clean-set accuracy drop is at most this."""
     max_prune_fraction: float = 0.05
@@ -143,13 +150,14 @@ class RNPConfig:
     seed: int = 0
     """Seeds the batch order and augmentation of unlearning and recovering."""
     exposure_share: float = field(default=2.0, metadata={"omit": 2.0})
-    """Rule 'exposure' (experimental, issue 15): prune in mask order until the unlearned model's top
+    """Rule 'exposure' (experimental, issue 15): prune in the ranking's order until the unlearned model's top
     class gets at most this many times 1/num_classes of its clean-set predictions."""
-    ranking: str = field(default="masks", metadata={"omit": "masks"})
-    """Order in which channels are pruned: 'masks' (paper), the recovered masks, lowest first;
-    'target_gradient' (experimental, issue 15), on the unlearned model, the first-order drop in
-    the mean log-probability of its dominant clean-set class if the channel were zeroed, largest
-    first (the masks are still recovered and reported). Not with prune_rule 'threshold'."""
+    ranking: str = field(default="target_gradient", metadata={"omit": "masks"})
+    """Order in which channels are pruned: 'target_gradient', on the unlearned model, the
+    first-order drop in the mean log-probability of its dominant clean-set class if the channel
+    were zeroed, largest first (the masks are still recovered and reported); 'masks' (paper),
+    the recovered masks, lowest first, the only order prune_rule 'threshold' can cut. Recorded
+    unless 'masks', which records from before it became the default meant."""
     mask_runs: int = field(default=1, metadata={"omit": 1})
     """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
     rank the channels by their mean mask; 1: one recovery (paper)."""
@@ -189,7 +197,8 @@ class RNPConfig:
             raise RnpError("mask_runs must be at least 1 and repair_epochs at least 0")
         if self.ranking != "masks" and self.prune_rule == "threshold":
             raise RnpError(f"prune_rule 'threshold' cuts at a mask value, so it needs ranking 'masks' "
-                           f"(got {self.ranking!r}): use auto, number or exposure")
+                           f"(got {self.ranking!r}): set ranking 'masks' (--ranking masks) or use the "
+                           f"rule auto, number or exposure")
         if not self.exposure_share > 1:
             raise RnpError(f"exposure_share must exceed 1 (the even share), got {self.exposure_share!r}")
 
@@ -198,7 +207,7 @@ class RNPConfig:
         """The published recipe: per-epoch stop, index order among ties, threshold 0.2, and
         float32 (amp off; the official code has no mixed precision), whatever the device;
         ``amp="auto"`` among the overrides gives it the package's mixed-precision rule."""
-        return cls(**{"stop_check": "epoch", "recover_lr": 0.2, "tie_break": "index",
+        return cls(**{"stop_check": "epoch", "recover_lr": 0.2, "tie_break": "index", "ranking": "masks",
                       "prune_rule": "threshold", "threshold": 0.2, "amp": "off", **overrides})
 
     def unlearn_lr_at(self, epoch: int) -> float:
@@ -431,7 +440,7 @@ class RNP(RemovalDefense):
 
     def choose_pruning(self, original: nn.Module, clean: ImageSet, scores: ChannelScores,
                        order: torch.Tensor, device, *, unlearned: nn.Module | None = None) -> tuple[int, dict]:
-        """Stage 3's decision: how many channels, in mask order, to prune. ``original`` (and
+        """Stage 3's decision: how many channels, first in ``order``, to prune. ``original`` (and
         ``unlearned``, which the exposure rule reads) ends exactly as it was: the rules prune a
         model only for the time of each evaluation."""
         cfg = self.config
@@ -447,7 +456,7 @@ class RNP(RemovalDefense):
         return self._auto_count(original, clean, scores, order, device)
 
     def _exposure_count(self, unlearned, clean, scores, order, device) -> tuple[int, dict]:
-        """The fewest channels, in mask order, whose pruning in the unlearned model ends the
+        """The fewest channels, first in ``order``, whose pruning in the unlearned model ends the
         concentration of its clean-set predictions on one class: its top class's share falls to
         at most ``exposure_share / num_classes``. The backdoor, which unlearning left intact,
         is what makes those predictions concentrate on its target; once the channels carrying
@@ -468,7 +477,7 @@ class RNP(RemovalDefense):
         return curve[-1]["pruned"], selection
 
     def _auto_count(self, original, clean, scores, order, device) -> tuple[int, dict]:
-        """The largest prefix of the mask order whose pruning costs at most ``tolerance`` of
+        """The largest prefix of ``order`` whose pruning costs at most ``tolerance`` of
         accuracy on the defender's clean images, found by bisection (accuracy falls, roughly
         monotonically, as more channels go).
 

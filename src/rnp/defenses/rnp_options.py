@@ -1,5 +1,6 @@
-"""Experimental ingredients of a sturdier RNP, each an opt-in :class:`rnp.defenses.rnp.RNPConfig`
-option (issue 15): none changes what RNP does at its defaults.
+"""Ingredients of a sturdier RNP, each a :class:`rnp.defenses.rnp.RNPConfig` option (issue 15).
+The target-gradient ranking is the default order of pruning; the others are opt-in and leave
+RNP unchanged at their defaults.
 
 - :func:`average_masks` and :func:`rank_agreement`: several recoveries (other seeds, other
   unlearning depths) averaged into one mask per channel, and how far their rankings agree;
@@ -10,8 +11,8 @@ option (issue 15): none changes what RNP does at its defaults.
 - :func:`repair`: fine-tuning of the pruned model on the clean set with the pruned channels held
   at exactly zero, the repair stage that RNP's successors add (NFT, TSBD).
 
-They are measured against the published recipe in issue 15's ablation; until then they are
-candidates, not recommendations.
+Issue 15's ablation (docs/benchmarks/rnp-options-w32.md) measures them against the published
+recipe; only the target-gradient ranking held on every development attack.
 """
 
 from __future__ import annotations
