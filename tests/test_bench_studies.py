@@ -81,6 +81,9 @@ def test_rnp_settings_over_clean_seeds_with_the_oracle_ranking(studies):
     ranked = [r for r in rows if r["label"]["defense"] != "none"]
     assert all([p["count"] for p in r["rnp"]["prefix_curve"]] == [1, 2] for r in ranked)
     assert all(r["cell"]["defense_config"]["seed"] == r["cell"]["clean_seed"] for r in ranked)
+    # the default order keeps what the unlearned model collapsed onto; the masks' order has none
+    assert {("ranking" in r["summary"]) for r in ranked} == {True, False}
+    assert all(0 < r["summary"]["ranking"]["share"] <= 1 for r in ranked if "ranking" in r["summary"])
     assert all(r["cell"]["cost_floor"] is False and "floor_seconds" not in r["rnp"] for r in ranked)
     assert "RNP / floor" not in text
     assert "## Spread over seeds" in text and "| tiny | preact_resnet18-w4 | badnets | rnp (threshold) | 2 |" in text

@@ -61,7 +61,8 @@ def test_records_and_cache_keys_hold_no_new_field_at_its_default():
 @pytest.mark.parametrize("bad", [{"mask_runs": 0}, {"repair_epochs": -1}, {"repair_lr": 0.0},
                                  {"exposure_share": 1.0}, {"unlearn_depths": (0.5, 1.5)},
                                  {"prune_rule": "exposures"}, {"ranking": "gradient"},
-                                 {"ranking": "target_gradient", "prune_rule": "threshold"}])
+                                 {"ranking": "target_gradient", "prune_rule": "threshold"},
+                                 {"prune_rule": "threshold"}])  # the default order has no mask value to cut
 def test_bad_settings_are_refused(bad):
     with pytest.raises(RnpError):
         RNPConfig(**bad)

@@ -223,10 +223,13 @@ def _retuning(cell: Cell, model, subject: dict, control=None) -> dict:
 
 
 def report_summary(report: dict) -> dict:
-    """The few report fields worth keeping in a record: what was pruned or flagged."""
+    """The few report fields worth keeping in a record: what was pruned or flagged, and for RNP's
+    target-gradient order the class the unlearned model collapsed onto and its share."""
     keep = {}
     if "pruning" in report:
         keep["pruned"] = report["pruning"].get("pruned")
+    if "ranking" in report:
+        keep["ranking"] = report["ranking"]
     for key in ("flagged", "flagged_classes"):
         if key in report:
             keep["flagged"] = report[key]

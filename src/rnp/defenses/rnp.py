@@ -150,14 +150,14 @@ class RNPConfig:
     seed: int = 0
     """Seeds the batch order and augmentation of unlearning and recovering."""
     exposure_share: float = field(default=2.0, metadata={"omit": 2.0})
-    """Rule 'exposure' (experimental, issue 15): prune in the ranking's order until the unlearned model's top
-    class gets at most this many times 1/num_classes of its clean-set predictions."""
+    """Rule 'exposure' (experimental, issue 15): prune in the ranking's order until the unlearned
+    model's top class gets at most this many times 1/num_classes of its clean-set predictions."""
+    # left out of records at "masks": every record from before this default pruned in that order
     ranking: str = field(default="target_gradient", metadata={"omit": "masks"})
     """Order in which channels are pruned: 'target_gradient', on the unlearned model, the
     first-order drop in the mean log-probability of its dominant clean-set class if the channel
     were zeroed, largest first (the masks are still recovered and reported); 'masks' (paper),
-    the recovered masks, lowest first, the only order prune_rule 'threshold' can cut. Recorded
-    unless 'masks', which records from before it became the default meant."""
+    the recovered masks, lowest first, the only order prune_rule 'threshold' can cut."""
     mask_runs: int = field(default=1, metadata={"omit": 1})
     """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
     rank the channels by their mean mask; 1: one recovery (paper)."""
