@@ -13,9 +13,9 @@ ICML 2023 (arXiv 2305.14876). Three stages on a few hundred clean images:
 
 The package prunes in another order by default (``ranking="target_gradient"``, issue 15): the
 channels whose zeroing would most lower the unlearned model's log-probability of the class its
-clean predictions collapsed onto. At width 32 the masks' order removed BadNets but left Blend
-and WaNet on two clean sets of three; this one removed all the development attacks on every
-clean set (docs/benchmarks/rnp-options-w32.md). ``ranking="masks"`` is the paper's order.
+clean predictions collapsed onto. At width 32 the masks' order left Blend, WaNet and SIG on two
+clean sets of three each; this one took all four development attacks to at most 4% ASR on
+every clean set (docs/benchmarks/rnp-options-w32.md). ``ranking="masks"`` is the paper's order.
 
 Precision: ``amp`` runs the forward passes of unlearning and recovering under
 :func:`torch.autocast`, with the modes and the rule of :class:`rnp.training.TrainConfig`
@@ -40,9 +40,9 @@ Records (a grid cell's key, the report's config) hold ``amp`` and ``channels_las
 for the device (:func:`rnp.utils.resolve_precision`), left out at float32's "off" and false.
 
 ``RNPConfig.paper()`` is the published recipe of the official code (mask order, threshold
-0.2). The package defaults
-differ where measurement showed the published recipe to be fragile on small models; each such
-field says so, and the documentation (docs/method/) lists the measurements.
+0.2). The package defaults differ where measurement showed the published recipe to be fragile
+on small models; each such field says so, and the documentation (docs/method/) lists the
+measurements.
 
 Experimental options (issue 15, :mod:`rnp.defenses.rnp_options`), all off by default and left
 out of records at their defaults: ``repair_epochs`` fine-tunes the pruned model with the pruned
