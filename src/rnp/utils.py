@@ -180,6 +180,7 @@ _NAMED_RANGES = (
     (("momentum",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("weight_decay", "penalty"), lambda v: v >= 0, "at least 0"),
     (("seed",), fits_seed, "a 64-bit integer"),
+    (("amp",), lambda v: v in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
 )
 
 
@@ -190,7 +191,7 @@ def check_config(config) -> None:
     then checks only what is its own. Types: a bool is True or False, an int an integer, a float
     a finite number, a str a string, a tuple a list or tuple of such values. Ranges by name: see
     ``_NAMED_RANGES`` (learning rates positive, epochs and batch sizes at least 1, fractions in
-    [0, 1], momenta in [0, 1), weight decays at least 0).
+    [0, 1], momenta in [0, 1), weight decays at least 0, mixed-precision modes in ``AMP_MODES``).
     """
     hints = _type_hints(type(config))
     for spec in dataclasses.fields(config):

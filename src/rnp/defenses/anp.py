@@ -51,13 +51,14 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.defenses.masks import ChannelScores, maskable_layers, parse_layer_kinds, prune_channels
 from rnp.errors import RnpError
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import check_config, generator_for, progress_bar
+from rnp.training.precision import PrecisionFields, grad_scaler, model_layout
+from rnp.utils import check_config, generator_for, progress_bar, resolve_precision
 
 PRUNE_RULES = ("threshold", "number")
 
 
 @dataclass
-class ANPConfig:
+class ANPConfig(PrecisionFields):
     """Every ANP hyperparameter; defaults are the paper's / the authors' code's."""
 
     iterations: int = 2000
@@ -250,7 +251,7 @@ class ANP(RemovalDefense):
             pruned = prune_channels(copy.deepcopy(original), scores, order[:count]).eval()
         rows = scores.rows()
         channels = [dict(zip(("layer", "channel", "value"), rows[i])) for i in order[:count].tolist()]
-        report = {**self.base_report(clean, timer),
+        report = {**self.base_report(clean, timer, resolve_precision(self.config, device)),
                   "mask_layers": _layer_summary(self.config.mask_layers, original, scores),
                   "optimization": _summarise(trajectory),
                   "pruning": {**rule, "pruned": count, "total_channels": len(scores),
@@ -260,9 +261,11 @@ class ANP(RemovalDefense):
 
     def optimize_masks(self, original: nn.Module, clean, device) -> tuple[ChannelScores, list[dict]]:
         """Learns the masks on a frozen copy of ``original``; returns them and, per iteration,
-        the natural loss and accuracy and the perturbed loss on the batch."""
-        cfg = self.config
+        the natural loss and accuracy and the perturbed loss on the batch. In mixed precision
+        (``amp``) the perturbations' ascent runs under autocast too."""
+        cfg = resolve_precision(self.config, device)
         model = copy.deepcopy(original).requires_grad_(False)
+        scaler = grad_scaler(cfg.amp == "on", device)
         neurons = NeuronPerturbations(model, cfg.mask_layers)
         optimizer = torch.optim.SGD(neurons.masks, lr=cfg.lr, momentum=cfg.momentum)
         batches = generator_for(cfg.seed, "anp-batches")
@@ -282,12 +285,13 @@ class ANP(RemovalDefense):
                                "perturbed_loss": perturbed_loss[-1] if perturbed_loss else None})
             return len(trajectory) >= cfg.iterations
 
-        with progress_bar(cfg.iterations, "anp", self.progress, detail=f"{cfg.iterations} iterations") as bar:
+        with (progress_bar(cfg.iterations, "anp", self.progress, detail=f"{cfg.iterations} iterations") as bar,
+              model_layout(model, cfg.channels_last)):
             while len(trajectory) < cfg.iterations:
                 run_epoch(model, clean, optimizer, batch_size=cfg.batch_size, generator=batches,
                           augment=cfg.augment, loss_scale=cfg.alpha,
                           penalty=robust_term if cfg.eps > 0 else None,
-                          after_step=after_step, progress=bar, device=device)
+                          after_step=after_step, progress=bar, device=device, scaler=scaler)
         return neurons.scores(), trajectory
 
     def perturb(self, model: nn.Module, neurons: NeuronPerturbations, images, labels,

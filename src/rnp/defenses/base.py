@@ -103,9 +103,10 @@ class RemovalDefense:
         checks every defense shares."""
         raise NotImplementedError
 
-    def base_report(self, clean: ImageSet, timer: "StageTimer") -> dict:
-        """The report fields every defense shares: method, settings, clean-set size, seconds."""
-        return {"method": self.name, "config": dataclasses.asdict(self.config),
+    def base_report(self, clean: ImageSet, timer: "StageTimer", config=None) -> dict:
+        """The report fields every defense shares: method, settings (``config`` when given: the
+        settings as they ran, precision resolved for the device), clean-set size, seconds."""
+        return {"method": self.name, "config": dataclasses.asdict(config or self.config),
                 "clean_images": len(clean), "seconds": dict(timer.seconds)}
 
 

@@ -12,7 +12,7 @@ layer (BatchNorm channels for our models) rather than the last convolution alone
 plain FP in the exposure benchmark, it measures what the exposure adds to a pruning baseline.
 
 The unlearning and recovering use RNP's defaults (:class:`rnp.defenses.rnp.RNPConfig`) with
-this config's seed and ``mask_layers``, in float32 (amp off) like the other baselines.
+this config's seed, ``mask_layers`` and precision (``amp``, ``channels_last``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ class ExposedFP(FP):
     ranking_stage = "masks"
 
     def rank(self, model: nn.Module, clean: ImageSet, device) -> tuple[ChannelScores, torch.Tensor, dict]:
-        rnp = RNP(seed=self.config.seed, mask_layers=self.config.mask_layers, amp="off", progress=self.progress)
+        cfg = self.config
+        rnp = RNP(seed=cfg.seed, mask_layers=cfg.mask_layers, amp=cfg.amp, channels_last=cfg.channels_last,
+                  progress=self.progress)
         unlearned, unlearning, _ = rnp.unlearn(model, clean, device)
         scores, push = rnp.recover(unlearned, clean, device)
         return scores, scores.order(push), {"ranking": "rnp_masks",
                                             "unlearning_steps": unlearning["steps"],
-                                            "mask_layers": self.config.mask_layers}
+                                            "mask_layers": cfg.mask_layers}

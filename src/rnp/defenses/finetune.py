@@ -34,12 +34,14 @@ from rnp.errors import RnpError
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
 from rnp.training.loop import EpochStats, StepInfo, run_epoch
-from rnp.utils import check_config, generator_for, progress_bar
+from rnp.training.precision import PrecisionFields, grad_scaler, model_layout
+from rnp.utils import check_config, generator_for, progress_bar, resolve_precision
 
 
 @dataclass
-class FineTuneFields:
-    """The SGD recipe shared by every defense that fine-tunes (FT, FP, NAD).
+class FineTuneFields(PrecisionFields):
+    """The SGD recipe shared by every defense that fine-tunes (FT, FP, NAD, TSBD), with its
+    precision (:class:`rnp.training.precision.PrecisionFields`).
 
     Not a defense's config by itself: :class:`FTConfig`, ``FPConfig`` and ``NADConfig``
     extend it, and each sets the defaults of its own paper.
@@ -98,18 +100,20 @@ def fine_tune(model: nn.Module, clean: ImageSet, *, epochs: int, lr: float, mome
               purpose: str = "fine-tune",
               penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               after_step: Callable[[StepInfo], bool] | None = None, progress: bool = False,
-              device="cpu") -> list[EpochStats]:
+              device="cpu", mixed: bool = False) -> list[EpochStats]:
     """Trains every trainable parameter of ``model`` in place by SGD on ``clean``.
 
     One :func:`run_epoch` per epoch; ``penalty`` (an extra loss term) and ``after_step`` (a
     callback after each update, e.g. re-applying a pruning mask) are handed to it. ``purpose``
     names the seeded stream of batches, so two fine-tunings in one defense draw different
-    batches from one seed. The model is left in eval mode. Returns the per-epoch statistics.
+    batches from one seed. ``mixed`` runs the epochs in mixed precision (a fresh gradient
+    scaler). The model is left in eval mode. Returns the per-epoch statistics.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 nesterov=nesterov)
     generator = generator_for(seed, purpose)
+    scaler = grad_scaler(mixed, device)
     history = []
     steps = math.ceil(len(clean) / batch_size)
     with progress_bar(epochs * steps, purpose, progress, detail=f"{epochs} epochs x {steps} steps") as bar:
@@ -118,7 +122,7 @@ def fine_tune(model: nn.Module, clean: ImageSet, *, epochs: int, lr: float, mome
                 group["lr"] = lr_at(lr, milestones, gamma, epoch)
             history.append(run_epoch(model, clean, optimizer, batch_size=batch_size,
                                      generator=generator, augment=augment, penalty=penalty,
-                                     after_step=after_step, progress=bar, device=device))
+                                     after_step=after_step, progress=bar, device=device, scaler=scaler))
     model.eval()
     return history
 
@@ -130,9 +134,10 @@ def epoch_rows(history: list[EpochStats], lr: float, milestones: tuple[int, ...]
              "accuracy": stats.accuracy} for epoch, stats in enumerate(history)]
 
 
-def clean_accuracy(model: nn.Module, clean: ImageSet, device) -> float:
-    """Accuracy of ``model`` on the defender's clean images (the only accuracy it can measure)."""
-    return accuracy(predict(model, clean, device=device), clean.labels)
+def clean_accuracy(model: nn.Module, clean: ImageSet, device, mixed: bool = False) -> float:
+    """Accuracy of ``model`` on the defender's clean images (the only accuracy it can measure),
+    computed in mixed precision when ``mixed``."""
+    return accuracy(predict(model, clean, device=device, mixed=mixed), clean.labels)
 
 
 class FT(RemovalDefense):
@@ -149,13 +154,13 @@ class FT(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         timer = StageTimer()
         before = clean_accuracy(working, clean, device)
-        with timer.stage("fine_tune"):
+        with timer.stage("fine_tune"), model_layout(working, cfg.channels_last):
             history = fine_tune(working, clean, **cfg.schedule(), seed=cfg.seed, purpose="ft",
-                                progress=self.progress, device=device)
-        report = {**self.base_report(clean, timer),
+                                progress=self.progress, device=device, mixed=cfg.amp == "on")
+        report = {**self.base_report(clean, timer, cfg),
                   "fine_tuning": epoch_rows(history, cfg.lr, cfg.milestones, cfg.gamma),
                   "clean_accuracy_before": before,
                   "clean_accuracy_after": clean_accuracy(working, clean, device)}

@@ -27,7 +27,9 @@ unrecognisable and clean accuracy suffers (measured on the test suite's syntheti
 Cost: per round, ``ceil(n / batch_size)`` plain gradient steps on ``delta``, then as many outer
 steps, each costing about ``K + 3`` forward-backward passes of a batch (the outer gradient,
 the inner gradient kept for double backward, K - 1 Hessian-vector products and the mixed
-product), so time grows linearly with rounds, clean images and K.
+product), so time grows linearly with rounds, clean images and K. It runs in float32 whatever
+the device: unlike the other baselines it has no ``amp`` setting, since its hypergradient
+differentiates twice and that was not checked in low precision.
 
 Deviations, each for a reason:
 

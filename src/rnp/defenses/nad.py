@@ -52,6 +52,8 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.defenses.finetune import FineTuneFields, clean_accuracy, epoch_rows, fine_tune
 from rnp.errors import RnpError
 from rnp.models.probes import capture_activations, eval_mode
+from rnp.training.precision import model_layout
+from rnp.utils import resolve_precision
 
 
 @dataclass
@@ -93,8 +95,9 @@ class NADConfig(FineTuneFields):
 
 
 def attention_map(features: torch.Tensor, power: float) -> torch.Tensor:
-    """Channel mean of ``|features|^power``, flattened per image and L2-normalised: (N, H*W)."""
-    maps = features.abs().pow(power).mean(1).flatten(1)
+    """Channel mean of ``|features|^power``, flattened per image and L2-normalised: (N, H*W),
+    in float32 also when the features come from a mixed-precision pass."""
+    maps = features.float().abs().pow(power).mean(1).flatten(1)
     return F.normalize(maps, dim=1, eps=1e-6)
 
 
@@ -190,22 +193,24 @@ class NAD(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         layers, betas = self.distillation_layers(working)
         check_feature_maps(working, layers, clean, device)
         timer = StageTimer()
         before = clean_accuracy(working, clean, device)
-        with timer.stage("teacher"):
-            teacher = copy.deepcopy(working)
-            teacher_history = fine_tune(teacher, clean, **{**cfg.schedule(), "epochs": cfg.teacher_epochs},
-                                        seed=cfg.seed, purpose="nad-teacher", progress=self.progress,
-                                        device=device)
-        teacher.requires_grad_(False)
-        with timer.stage("distill"):
-            history, attention = self.distill(working, teacher, clean, layers, betas, device)
+        teacher = copy.deepcopy(working)
+        with model_layout(teacher, cfg.channels_last), model_layout(working, cfg.channels_last):
+            with timer.stage("teacher"):
+                teacher_history = fine_tune(teacher, clean, **{**cfg.schedule(), "epochs": cfg.teacher_epochs},
+                                            seed=cfg.seed, purpose="nad-teacher", progress=self.progress,
+                                            device=device, mixed=cfg.amp == "on")
+            teacher.requires_grad_(False)
+            with timer.stage("distill"):
+                history, attention = self.distill(working, teacher, clean, layers, betas, device,
+                                                  cfg.amp == "on")
         rows = epoch_rows(history, cfg.lr, cfg.milestones, cfg.gamma)
         report = {
-            **self.base_report(clean, timer),
+            **self.base_report(clean, timer, cfg),
             "teacher": {"fine_tuning": epoch_rows(teacher_history, cfg.lr, cfg.milestones, cfg.gamma),
                         "clean_accuracy": clean_accuracy(teacher, clean, device)},
             "distillation": {"layers": layers, "betas": list(betas), "power": cfg.power,
@@ -225,14 +230,14 @@ class NAD(RemovalDefense):
         return layers, cfg.betas[len(cfg.betas) - len(layers):]
 
     def distill(self, student: nn.Module, teacher: nn.Module, clean: ImageSet, layers: list[str],
-                betas: tuple[float, ...], device) -> tuple[list, list[float]]:
-        """Stage 2: the student's fine-tuning with the attention penalty. Returns the epoch
-        statistics and the mean attention loss of each epoch."""
+                betas: tuple[float, ...], device, mixed: bool = False) -> tuple[list, list[float]]:
+        """Stage 2: the student's fine-tuning with the attention penalty, in mixed precision
+        when ``mixed``. Returns the epoch statistics and the mean attention loss of each epoch."""
         cfg = self.config
         penalty = AttentionDistillation(student, teacher, layers, betas, cfg.power)
         try:
             history = fine_tune(student, clean, **cfg.schedule(), seed=cfg.seed, purpose="nad-student",
-                                penalty=penalty, progress=self.progress, device=device)
+                                penalty=penalty, progress=self.progress, device=device, mixed=mixed)
         finally:
             penalty.remove()
         means, start = [], 0

@@ -51,15 +51,17 @@ from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig
                                           output_classes, reverse_engineer_trigger)
 from rnp.errors import RnpError
 from rnp.metrics.detection import anomaly_indices
-from rnp.utils import check_config, generator_for, progress_bar
+from rnp.training.precision import PrecisionFields, model_layout
+from rnp.utils import check_config, generator_for, progress_bar, resolve_precision
 
 BUDGETS = {"cpu": {"steps": 120, "samples_per_step": 64}, "paper": {}}
 """Search settings per budget (see the module docstring); "paper" keeps the config's defaults."""
 
 
 @dataclass
-class NeuralCleanseConfig(TriggerReverseConfig):
-    """Every NC hyperparameter: the trigger search's (inherited) plus detection and unlearning."""
+class NeuralCleanseConfig(TriggerReverseConfig, PrecisionFields):
+    """Every NC hyperparameter: the trigger search's (inherited) plus detection and unlearning,
+    and the precision of both searches and unlearning."""
 
     anomaly_threshold: float = 2.0
     """Flag the classes whose anomaly index is above this (paper, release)."""
@@ -122,17 +124,18 @@ class NeuralCleanse(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
+        cfg = resolve_precision(self.config, device)
         timer = StageTimer()
-        with timer.stage("reverse"):
+        with timer.stage("reverse"), model_layout(working, cfg.channels_last):
             triggers = self.reverse(working, clean, device)
         with timer.stage("detect"):
             norms = torch.tensor([t.norm for t in triggers], dtype=torch.float64)
             indices = anomaly_indices(norms)
             flagged = flag_classes(norms, self.config.anomaly_threshold)
-        with timer.stage("unlearn"):
+        with timer.stage("unlearn"), model_layout(working, cfg.channels_last):
             unlearning = self.unlearn(working, clean, [triggers[k] for k in flagged], device)
         working.eval()
-        report = {**self.base_report(clean, timer),
+        report = {**self.base_report(clean, timer, cfg),
                   "norms": norms.tolist(),
                   "anomaly_indices": indices.tolist(),
                   "model_anomaly_index": float(indices[int(norms.argmin())]),
@@ -147,7 +150,7 @@ class NeuralCleanse(RemovalDefense):
 
     def reverse(self, model: nn.Module, clean: ImageSet, device) -> list[RecoveredTrigger]:
         """Stage 1: the smallest trigger of every class, each from its own seeded stream."""
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         classes = output_classes(model, clean, device)
         triggers = []
         with progress_bar(classes * cfg.steps * cfg.batches_per_step, "reverse", self.progress,
@@ -155,7 +158,8 @@ class NeuralCleanse(RemovalDefense):
                           unit="batch", bounded=cfg.early_stop) as bar:
             for target in range(classes):
                 trigger = reverse_engineer_trigger(model, clean, target, cfg, device=device, progress=bar,
-                                                   generator=generator_for(cfg.seed, f"nc-reverse-{target}"))
+                                                   generator=generator_for(cfg.seed, f"nc-reverse-{target}"),
+                                                   mixed=cfg.amp == "on")
                 bar.skip((cfg.steps - trigger.steps) * cfg.batches_per_step)  # stopped early
                 triggers.append(trigger)
         return triggers
@@ -164,7 +168,7 @@ class NeuralCleanse(RemovalDefense):
                 device) -> dict:
         """Stage 3: fine-tunes ``model`` in place on the clean set with part of it stamped by
         the flagged triggers under true labels; nothing is done if no class was flagged."""
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         if not triggers:
             return {"performed": False,
                     "note": "no class was flagged; the model is returned unchanged"}
@@ -173,7 +177,7 @@ class NeuralCleanse(RemovalDefense):
         history = fine_tune(model, stamped, epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr,
                             momentum=cfg.unlearn_momentum, weight_decay=cfg.unlearn_weight_decay,
                             batch_size=cfg.unlearn_batch_size, augment=cfg.unlearn_augment,
-                            seed=cfg.seed, purpose="nc-unlearn", device=device)
+                            seed=cfg.seed, purpose="nc-unlearn", device=device, mixed=cfg.amp == "on")
         epochs = [{"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy}
                   for epoch, stats in enumerate(history)]
         return {"performed": True, "targets": [t.target for t in triggers],

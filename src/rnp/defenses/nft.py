@@ -58,11 +58,12 @@ from rnp.defenses.masks import ChannelScores, MaskSet, parse_layer_kinds
 from rnp.errors import RnpError
 from rnp.training.hooks import TrainingHook
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import check_config, derive_seed, generator_for, progress_bar
+from rnp.training.precision import PrecisionFields, grad_scaler, model_layout
+from rnp.utils import check_config, derive_seed, generator_for, progress_bar, resolve_precision
 
 
 @dataclass
-class NFTConfig:
+class NFTConfig(PrecisionFields):
     """Every NFT hyperparameter. (release): the authors' src/Remove_Backdoor.py."""
 
     rounds: int = 5
@@ -174,13 +175,14 @@ class NFT(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> NFTResult:
         working, clean, device = prepare_inputs(model, clean_data)
+        cfg = resolve_precision(self.config, device)
         timer = StageTimer()
         before = clean_accuracy(working, clean, device)
         trainable = {name: p.requires_grad for name, p in working.named_parameters()}
         working.requires_grad_(False)
         masks = MaskSet(working, self.config.mask_layers)
-        with timer.stage("fine_tune_masks"):
-            rounds = self.fine_tune_masks(working, masks, clean, device)
+        with timer.stage("fine_tune_masks"), model_layout(working, cfg.channels_last):
+            rounds = self.fine_tune_masks(working, masks, clean, device, cfg.amp == "on")
         with timer.stage("fold"):
             scores = masks.scores()
             masks.fold()
@@ -188,7 +190,7 @@ class NFT(RemovalDefense):
                 parameter.requires_grad_(trainable[name])
             working.eval()
         floors = self.config.floors(len(masks.layers))
-        report = {**self.base_report(clean, timer),
+        report = {**self.base_report(clean, timer, cfg),
                   "mask_layers": {"setting": self.config.mask_layers, "layers": len(masks.layers),
                                   "layer_types": sorted({type(m).__name__ for _, m in masks.layers}),
                                   "floors": floors},
@@ -198,8 +200,10 @@ class NFT(RemovalDefense):
                   "clean_accuracy_after": clean_accuracy(working, clean, device)}
         return NFTResult(working, report, {"masks": scores}, dict(timer.seconds))
 
-    def fine_tune_masks(self, model: nn.Module, masks: MaskSet, clean, device) -> list[dict]:
-        """Trains the masks of ``model`` (weights frozen) in place; returns one row per round.
+    def fine_tune_masks(self, model: nn.Module, masks: MaskSet, clean, device,
+                        mixed: bool = False) -> list[dict]:
+        """Trains the masks of ``model`` (weights frozen) in place, in mixed precision when
+        ``mixed``; returns one row per round.
 
         :func:`run_epoch` runs each pass with the MixUp hook; its own single-label
         cross-entropy is weighted 0, so the objective is the penalty it adds: MixUp's two-label
@@ -211,16 +215,17 @@ class NFT(RemovalDefense):
         weight = cfg.mask_penalty * clean.num_classes / len(clean)  # mask_penalty / N_c
         optimizer = torch.optim.SGD(masks.parameters, lr=cfg.lr, momentum=cfg.momentum)
         batches = generator_for(cfg.seed, "nft-batches")
+        scaler = grad_scaler(mixed, device)
         totals: dict[str, float] = {}
 
         def objective(images, labels, logits):
-            mixed = mixup.loss(logits, labels)
+            mixed_loss = mixup.loss(logits, labels)
             drift = sum((1 - mask).sum() for mask in masks.parameters)
-            for key, value in (("loss", float(mixed.detach()) * len(labels)),
+            for key, value in (("loss", float(mixed_loss.detach()) * len(labels)),
                                ("drift", float(drift.detach()) * len(labels)),
                                ("correct", mixup.correct(logits, labels)), ("seen", len(labels))):
                 totals[key] = totals.get(key, 0.0) + value
-            return mixed + weight * drift
+            return mixed_loss + weight * drift
 
         def after_step(info: StepInfo) -> bool:
             with torch.no_grad():
@@ -241,7 +246,7 @@ class NFT(RemovalDefense):
                 while totals.get("steps", 0) < cfg.steps_per_round:
                     run_epoch(model, clean, optimizer, batch_size=cfg.batch_size, generator=batches,
                               augment=cfg.augment, loss_scale=0.0, penalty=objective, hook=mixup,
-                              after_step=after_step, progress=bar, device=device)
+                              after_step=after_step, progress=bar, device=device, scaler=scaler)
                 values = torch.cat([mask.detach().cpu() for mask in masks.parameters])
                 rows.append({"round": index + 1, "steps": (index + 1) * cfg.steps_per_round,
                              "lr": cfg.lr_at(index), "loss": totals["loss"] / totals["seen"],

@@ -73,7 +73,7 @@ from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
-from rnp.utils import AMP_MODES, check_config, generator_for, progress_bar, resolve_precision, uses_amp
+from rnp.utils import check_config, generator_for, progress_bar, resolve_precision, uses_amp
 
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
@@ -178,8 +178,7 @@ class RNPConfig:
         for name, value, choices in (("stop_check", self.stop_check, STOP_CHECKS),
                                      ("tie_break", self.tie_break, TIE_BREAKS),
                                      ("prune_rule", self.prune_rule, PRUNE_RULES),
-                                     ("ranking", self.ranking, RANKINGS),
-                                     ("amp", self.amp, AMP_MODES)):
+                                     ("ranking", self.ranking, RANKINGS)):
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.unlearn_milestones = tuple(int(m) for m in self.unlearn_milestones)

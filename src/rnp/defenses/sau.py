@@ -56,14 +56,15 @@ from rnp.defenses.base import DefenseResult, RemovalDefense, StageTimer, prepare
 from rnp.errors import RnpError
 from rnp.metrics import accuracy
 from rnp.training.evaluate import predict
-from rnp.utils import check_config, generator_for, progress_bar
+from rnp.training.precision import PrecisionFields, autocast, backward_and_step, grad_scaler, model_layout
+from rnp.utils import check_config, generator_for, progress_bar, resolve_precision, uses_amp
 
 NORMS = ("linf", "l2")
 INITS = ("max", "zero")
 
 
 @dataclass
-class SAUConfig:
+class SAUConfig(PrecisionFields):
     """Every SAU hyperparameter. (release): BackdoorBench config/defense/sau/config.yaml."""
 
     epochs: int = 100
@@ -141,21 +142,25 @@ class SAU(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
+        cfg = resolve_precision(self.config, device)
         timer = StageTimer()
         reference = _frozen_copy(working)
-        with timer.stage("unlearn"):
+        with (timer.stage("unlearn"), model_layout(working, cfg.channels_last),
+              model_layout(reference, cfg.channels_last)):
             epochs = self.unlearn(working, reference, clean, device)
         with timer.stage("evaluate"):
             working.eval()
             clean_accuracy = accuracy(predict(working, clean, device=device), clean.labels)
-        report = {**self.base_report(clean, timer), "epochs": epochs,
+        report = {**self.base_report(clean, timer, cfg), "epochs": epochs,
                   "clean_set_accuracy_after": clean_accuracy,
                   "seconds_per_epoch": sum(e["seconds"] for e in epochs) / len(epochs)}
         return DefenseResult(working, report, {"reference_model": reference}, dict(timer.seconds))
 
     def unlearn(self, model: nn.Module, reference: nn.Module, clean: ImageSet, device) -> list[dict]:
-        """Runs SAU's epochs on ``model`` in place; returns one summary per epoch."""
+        """Runs SAU's epochs on ``model`` in place, in mixed precision where ``amp`` says so;
+        returns one summary per epoch."""
         cfg = self.config
+        scaler = grad_scaler(uses_amp(cfg.amp, device), device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                      weight_decay=cfg.weight_decay)
         generator = generator_for(cfg.seed, "sau-batches")
@@ -168,7 +173,7 @@ class SAU(RemovalDefense):
                 for images, labels in iterate_batches(clean, cfg.batch_size, shuffle=True,
                                                       augment=cfg.augment, generator=generator,
                                                       device=device):
-                    for key, value in self.step(model, reference, optimizer, images, labels).items():
+                    for key, value in self.step(model, reference, optimizer, images, labels, scaler).items():
                         totals[key] = totals.get(key, 0.0) + value * len(labels)
                     bar.update(1)
                 epochs.append({"epoch": epoch + 1, **{k: v / len(clean) for k, v in totals.items()},
@@ -177,22 +182,26 @@ class SAU(RemovalDefense):
         return epochs
 
     def step(self, model: nn.Module, reference: nn.Module, optimizer, images: torch.Tensor,
-             labels: torch.Tensor) -> dict[str, float]:
-        """One batch: craft shared adversarial perturbations, then update the model on them."""
+             labels: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+        """One batch: craft shared adversarial perturbations, then update the model on them.
+        With a gradient ``scaler`` every pass runs under autocast (logits come back as float32)
+        and the update goes through the scaler."""
         cfg = self.config
+        mixed = scaler is not None
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(mixed, images.device):
             clean_pred_ref = reference(images).argmax(1)
             clean_pred = model(images).argmax(1)
-        delta = self.shared_perturbation(model, reference, images, labels, clean_pred, clean_pred_ref)
+        delta = self.shared_perturbation(model, reference, images, labels, clean_pred, clean_pred_ref, mixed)
         perturbed = images + delta
-        with torch.no_grad():
-            logits_ref = reference(perturbed)
+        with torch.no_grad(), autocast(mixed, images.device):
+            logits_ref = reference(perturbed).float()
         pred_ref = logits_ref.argmax(1)
         fooled_ref = (pred_ref != labels) & (pred_ref != clean_pred_ref)
         for _ in range(cfg.updates_per_batch):
             model.train(cfg.train_batchnorm)
-            logits, logits_adv = model(torch.cat([images, perturbed])).split(len(labels))
+            with autocast(mixed, images.device):
+                logits, logits_adv = model(torch.cat([images, perturbed])).float().split(len(labels))
             model.eval()
             shared = fooled_ref & (logits_adv.argmax(1) == pred_ref)
             loss_clean = F.cross_entropy(logits, labels)
@@ -200,8 +209,7 @@ class SAU(RemovalDefense):
             loss_sar = shared_adversarial_risk(logits_adv, pred_ref, fooled_ref)
             loss = cfg.lambda_1 * loss_clean + cfg.lambda_2 * loss_adv + cfg.lambda_3 * loss_sar
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
         return {"loss_clean": loss_clean.item(), "loss_adversarial": loss_adv.item(),
                 "loss_shared": loss_sar.item(), "clean_accuracy": accuracy(logits.argmax(1), labels),
                 "fooled_backdoored": float(fooled_ref.float().mean()),
@@ -209,14 +217,16 @@ class SAU(RemovalDefense):
 
     def shared_perturbation(self, model: nn.Module, reference: nn.Module, images: torch.Tensor,
                             labels: torch.Tensor, clean_pred: torch.Tensor,
-                            clean_pred_ref: torch.Tensor) -> torch.Tensor:
+                            clean_pred_ref: torch.Tensor, mixed: bool = False) -> torch.Tensor:
         """PGD for shared adversarial examples: a perturbation in the ball (and keeping images
-        in [0, 1]) that makes both models leave their clean prediction for the same label."""
+        in [0, 1]) that makes both models leave their clean prediction for the same label; the
+        models' passes under autocast when ``mixed``."""
         cfg = self.config
         delta = self._project(torch.full_like(images, cfg.epsilon if cfg.pgd_init == "max" else 0.0), images)
         for _ in range(cfg.pgd_steps):
             delta.requires_grad_(True)
-            logits, logits_ref = model(images + delta), reference(images + delta)
+            with autocast(mixed, images.device):
+                logits, logits_ref = model(images + delta).float(), reference(images + delta).float()
             pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
             keep, keep_ref = pred == clean_pred, pred_ref == clean_pred_ref
             not_shared = keep | keep_ref | (pred != pred_ref)

@@ -42,6 +42,7 @@ from rnp.data.loader import iterate_batches
 from rnp.errors import RnpError
 from rnp.metrics.detection import anomaly_indices
 from rnp.models.probes import eval_mode
+from rnp.training.precision import autocast, backward_and_step, grad_scaler
 from rnp.utils import check_config
 
 TANH_EPSILON = 1e-7  # Keras' K.epsilon(), keeps the squashed values strictly inside (0, 1)
@@ -127,14 +128,15 @@ def apply_trigger(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tenso
 def reverse_engineer_trigger(model: nn.Module, clean: ImageSet, target: int,
                              config: TriggerReverseConfig | None = None, *,
                              generator: torch.Generator, device="cpu",
-                             progress=None) -> RecoveredTrigger:
+                             progress=None, mixed: bool = False) -> RecoveredTrigger:
     """Searches the smallest mask and pattern that make ``model`` classify clean images as
     ``target`` (Neural Cleanse's reverse engineering).
 
     The model's weights are frozen for the search and its train/eval mode and ``requires_grad``
     flags are restored afterwards, so the caller's model is left as it was. ``generator``
     drives the random initialisation and the batch order; ``progress`` is an optional tqdm bar
-    advanced once per mini-batch.
+    advanced once per mini-batch. ``mixed`` runs the model's passes in mixed precision
+    (:mod:`rnp.training.precision`); the trigger and its loss stay float32.
     """
     config = config or TriggerReverseConfig()
     classes = output_classes(model, clean, device)
@@ -145,7 +147,7 @@ def reverse_engineer_trigger(model: nn.Module, clean: ImageSet, target: int,
         parameter.requires_grad_(False)
     try:
         with eval_mode(model):
-            return _search(model, clean, target, config, generator, device, progress)
+            return _search(model, clean, target, config, generator, device, progress, mixed)
     finally:
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
@@ -230,18 +232,19 @@ class _EarlyStop:
                 and self.stale >= cfg.early_stop_patience)
 
 
-def _search(model, clean, target, config, generator, device, progress) -> RecoveredTrigger:
+def _search(model, clean, target, config, generator, device, progress, mixed) -> RecoveredTrigger:
     channels, height, width = clean.image_shape
     mask_raw = _unsquash(torch.rand(height, width, generator=generator)).to(device).requires_grad_()
     pattern_raw = _unsquash(torch.rand(channels, height, width, generator=generator)
                             ).to(device).requires_grad_()
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=config.betas)
     batches = _endless_batches(clean, config.batch_size, generator, device)
+    scaler = grad_scaler(mixed, device)
     schedule, stopper = _CostSchedule(config), _EarlyStop(config)
     best, best_norm = None, math.inf
     for step in range(1, config.steps + 1):  # noqa: B007 (the last step is reported below)
         success, norm = _one_step(model, batches, target, mask_raw, pattern_raw, optimizer,
-                                  schedule.cost, config.batches_per_step, progress)
+                                  schedule.cost, config.batches_per_step, progress, scaler)
         reached = success >= config.attack_success_threshold
         if reached and norm < best_norm:
             best_norm, best = norm, (_squash(mask_raw.detach()), _squash(pattern_raw.detach()), success)
@@ -257,22 +260,23 @@ def _search(model, clean, target, config, generator, device, progress) -> Recove
 
 
 def _one_step(model, batches, target, mask_raw, pattern_raw, optimizer, cost, count,
-              progress) -> tuple[float, float]:
+              progress, scaler=None) -> tuple[float, float]:
     """``count`` Adam updates; returns the step's attack success (per image) and mean mask
-    norm, both measured before each update as in the release."""
+    norm, both measured before each update as in the release. With a gradient ``scaler`` the
+    model's pass runs under autocast and the update goes through the scaler."""
     hits = seen = 0
     norm_total = 0.0
     for _ in range(count):
         images = next(batches)
         mask, pattern = _squash(mask_raw), _squash(pattern_raw)
         stamped = apply_trigger(images, mask, pattern)
-        logits = model(stamped.contiguous(memory_format=torch.channels_last))
+        with autocast(scaler is not None, images.device):
+            logits = model(stamped.contiguous(memory_format=torch.channels_last)).float()
         labels = torch.full((len(images),), target, dtype=torch.long, device=images.device)
         norm = mask.sum()
         loss = F.cross_entropy(logits, labels) + cost * norm
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         hits += int((logits.detach().argmax(1) == target).sum())
         seen += len(images)
         norm_total += float(norm.detach())

@@ -60,6 +60,8 @@ from rnp.defenses.finetune import FineTuneFields, clean_accuracy, epoch_rows, fi
 from rnp.defenses.masks import ChannelScores, maskable_layers, parse_layer_kinds
 from rnp.defenses.rnp import RNP, RNPConfig
 from rnp.errors import RnpError
+from rnp.training.precision import model_layout
+from rnp.utils import resolve_precision
 
 
 @dataclass
@@ -140,7 +142,7 @@ class TSBD(RemovalDefense):
 
     def purify(self, model: nn.Module, clean_data) -> DefenseResult:
         working, clean, device = prepare_inputs(model, clean_data)
-        cfg = self.config
+        cfg = resolve_precision(self.config, device)
         layers = scored_layers(working, cfg.reinit_layers, cfg.skip_shortcuts)
         timer = StageTimer()
         before = clean_accuracy(working, clean, device)
@@ -152,11 +154,11 @@ class TSBD(RemovalDefense):
             zeroed = zero_largest_changes(working, unlearned, scores, selected, cfg.weight_fraction)
             reinitialized = _frozen_copy(working)
             after_reinit = clean_accuracy(working, clean, device)
-        with timer.stage("fine_tune"):
+        with timer.stage("fine_tune"), model_layout(working, cfg.channels_last):
             penalty = GradientNormPenalty(working, cfg.radius, cfg.alpha)
             history = fine_tune(working, clean, **cfg.schedule(), seed=cfg.seed, purpose="tsbd-finetune",
-                                penalty=penalty, progress=self.progress, device=device)
-        report = {**self.base_report(clean, timer),
+                                penalty=penalty, progress=self.progress, device=device, mixed=cfg.amp == "on")
+        report = {**self.base_report(clean, timer, cfg),
                   "unlearning": unlearning,
                   "reinitialization": _reinit_summary(scores, selected, zeroed, cfg),
                   "fine_tuning": [{**row, "penalty": value} for row, value in
@@ -170,14 +172,14 @@ class TSBD(RemovalDefense):
 
     def unlearn(self, original: nn.Module, clean: ImageSet, device) -> tuple[nn.Module, dict]:
         """Stage 1's gradient ascent: RNP's unlearning routine with TSBD's settings (constant
-        learning rate, stop checked per epoch; float32, as TSBD's config has no precision field).
+        learning rate, stop checked per epoch, this config's precision).
         Returns the unlearned copy and its per-epoch summary (RNP's per-step trajectory left out)."""
         cfg = self.config
         settings = RNPConfig(batch_size=cfg.batch_size, augment=cfg.augment, unlearn_lr=cfg.unlearn_lr,
                              unlearn_momentum=cfg.unlearn_momentum, unlearn_weight_decay=cfg.weight_decay,
                              unlearn_milestones=(), unlearn_epochs=cfg.unlearn_epochs,
                              clean_threshold=cfg.clean_threshold, stop_check="epoch", seed=cfg.seed,
-                             amp="off")
+                             amp=cfg.amp, channels_last=cfg.channels_last)
         unlearned, summary, _ = RNP(settings, progress=self.progress).unlearn(original, clean, device)
         summary.pop("per_step")
         return unlearned.eval(), summary

@@ -8,7 +8,6 @@ hand to :func:`run_epoch`, not in loops of their own.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.training.hooks import TrainingHook
-from rnp.utils import amp_dtype
+from rnp.training.precision import autocast, backward_and_step
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
         extra = None
         if hook is not None:
             images, labels, extra = hook.transform(model, images, labels)
-        with torch.autocast(device.type, dtype=amp_dtype(device)) if mixed else contextlib.nullcontext():
+        with autocast(mixed, device):
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
             objective = (-loss if ascent else loss) * loss_scale
@@ -86,13 +85,7 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
             if penalty is not None:
                 objective = objective + penalty(images, labels, logits)
         optimizer.zero_grad(set_to_none=True)
-        if mixed:
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            objective.backward()
-            optimizer.step()
+        backward_and_step(objective, optimizer, scaler if mixed else None)
         if hook is not None:
             hook.after_update()
         predictions = logits.detach().argmax(1)

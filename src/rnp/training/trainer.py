@@ -18,7 +18,7 @@ from rnp.io.checkpoint import load_checkpoint, save_checkpoint
 from rnp.progress import Progress
 from rnp.training.hooks import TrainingHook
 from rnp.training.loop import EpochStats, run_epoch
-from rnp.utils import (AMP_MODES, check_config, config_record, generator_for, progress_bar, resolve_device,
+from rnp.utils import (check_config, config_record, generator_for, progress_bar, resolve_device,
                        resolve_precision, uses_amp)
 
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -85,8 +85,6 @@ class TrainConfig:
         check_config(self)  # types, finite floats, momentum in [0, 1), weight decay >= 0, gamma > 0
         if self.schedule not in SCHEDULES:
             raise RnpError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.amp not in AMP_MODES:
-            raise RnpError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise RnpError("epochs, batch size and learning rate must be positive")
         self.milestones = tuple(self.milestones)
