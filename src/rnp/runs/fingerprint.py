@@ -38,6 +38,9 @@ EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {
     # 2026-12-05: amp "auto" resolved per device (bfloat16 on CPUs that have it), records and keys
     # take the precision used; 24 of 24 identical vs a104d1c (d94a7af75c3c, itself 61ddfb885c65's)
     "a0615746df13": ("d94a7af75c3c",),
+    # 2026-12-06: the precision helpers (rnp.training.precision) shared by the loop, the
+    # evaluation and the baselines; 24 of 24 identical vs 7cbc4b8 (a0615746df13)
+    "4491a04dc800": ("a0615746df13",),
 }
 """Training fingerprints verified to train the same models as older ones: ``{newer: (older,
 ...)}``. An entry is added only after ``benchmarks/training_equivalence.py --against REV`` found
