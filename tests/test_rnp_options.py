@@ -124,6 +124,43 @@ def test_the_target_gradient_ranks_first_the_channels_that_hold_the_collapse_up(
     assert drops[0] > 0 and drops[0] > drops[1]
 
 
+class CertainOf(nn.Module):
+    """``model`` with ``shift`` added to one class's logit: the unlearned model's collapse made
+    certain, every image at probability 1 of that class to float precision."""
+
+    def __init__(self, model: nn.Module, target: int, shift: float = 1e4):
+        super().__init__()
+        self.model, self.target, self.shift = model, target, shift
+
+    def forward(self, images):
+        logits = self.model(images)
+        return logits + self.shift * nn.functional.one_hot(torch.tensor(self.target), logits.shape[1])
+
+
+def test_the_margin_keeps_the_order_where_the_log_probability_saturates(trained, clean):
+    unlearned = RNP(**FAST, seed=0).fit(trained, clean).unlearned_model
+    plain, target = target_gradient(unlearned, clean, batch_size=16, objective="margin")
+    certain = CertainOf(unlearned, target["class"])
+    saturated, certain_target = target_gradient(certain, clean, batch_size=16)
+    assert certain_target["share"] == 1 and certain_target["rule"] == "target_gradient"
+    assert saturated.values.abs().max() == 0  # every gradient underflowed: the order is arbitrary
+    margin, margin_target = target_gradient(certain, clean, batch_size=16, objective="margin")
+    assert margin_target["rule"] == "target_margin" and margin.values.abs().max() > 0
+    # a constant on the target's logit moves no margin gradient: the order is the uncertain model's
+    assert torch.equal(margin.order(), plain.order())
+    with pytest.raises(RnpError, match="objective must be one of log_prob, margin"):
+        target_gradient(unlearned, clean, objective="probability")
+
+
+def test_the_margin_ranking_prunes_in_its_order_and_reports_its_rule(trained, clean):
+    result = RNP(**FAST, seed=0, ranking="target_margin", prune_rule="number", prune_number=3).fit(trained, clean)
+    ranking, target = target_gradient(result.unlearned_model, clean, batch_size=16, objective="margin")
+    assert result.report["ranking"] == target and target["rule"] == "target_margin"
+    assert [(d["layer"], d["channel"]) for d in result.report["pruning"]["channels"]] == [
+        (ranking.layer_names[int(ranking.layers[i])], int(ranking.channels[i])) for i in ranking.order()[:3]]
+    assert config_record(RNPConfig(ranking="target_margin"))["ranking"] == "target_margin"
+
+
 # Mask averaging
 
 def test_one_mask_run_is_the_single_recovery(trained, clean):

@@ -78,7 +78,9 @@ from rnp.utils import check_config, generator_for, progress_bar, resolve_precisi
 STOP_CHECKS = ("step", "epoch")
 TIE_BREAKS = ("gradient", "index")
 PRUNE_RULES = ("auto", "threshold", "number", "exposure")
-RANKINGS = ("masks", "target_gradient")
+RANKINGS = ("masks", "target_gradient", "target_margin")
+TARGET_OBJECTIVES = {"target_gradient": "log_prob", "target_margin": "margin"}
+"""The measure of the collapse that each target ranking differentiates (see :func:`target_gradient`)."""
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 
 
@@ -156,7 +158,9 @@ class RNPConfig:
     ranking: str = field(default="target_gradient", metadata={"omit": "masks"})
     """Order in which channels are pruned: 'target_gradient', on the unlearned model, the
     first-order drop in the mean log-probability of its dominant clean-set class if the channel
-    were zeroed, largest first (the masks are still recovered and reported); 'masks' (paper),
+    were zeroed, largest first (the masks are still recovered and reported); 'target_margin',
+    the same with the class's logit margin over the others, which keeps its gradient where the
+    unlearned model is certain of the class on every clean image; 'masks' (paper),
     the recovered masks, lowest first, the only order prune_rule 'threshold' can cut."""
     mask_runs: int = field(default=1, metadata={"omit": 1})
     """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
@@ -259,9 +263,10 @@ class RNP(RemovalDefense):
         unlearned, unlearning, drift, scores, push, runs = self._masks(original, clean, device, timer)
         with timer.stage("prune"):
             order = scores.order(push if cfg.tie_break == "gradient" else None)
-            if cfg.ranking == "target_gradient":
+            if cfg.ranking in TARGET_OBJECTIVES:
                 ranking, target = target_gradient(unlearned, clean, cfg.mask_layers, skip_last=cfg.mask_skip_last,
-                                                  batch_size=cfg.batch_size, device=device)
+                                                  batch_size=cfg.batch_size, device=device,
+                                                  objective=TARGET_OBJECTIVES[cfg.ranking])
                 order = ranking.order()
             count, selection = self.choose_pruning(original, clean, scores, order, device,
                                                    unlearned=unlearned)
@@ -280,7 +285,7 @@ class RNP(RemovalDefense):
         }
         if runs is not None:
             report["mask_runs"] = runs
-        if cfg.ranking == "target_gradient":
+        if cfg.ranking in TARGET_OBJECTIVES:
             report["ranking"] = target
         artifacts = {"masks": scores, "order": order, "unlearned_model": unlearned,
                      "original_model": original, "unlearning_predictions": drift}

@@ -7,7 +7,8 @@ RNP unchanged at their defaults.
 - :func:`exposure_curve`: how many channels, pruned in mask order on the UNLEARNED model, end
   the concentration of its clean-set predictions on one class (the exposed backdoor's target);
 - :func:`target_gradient`: a ranking of the channels by how much zeroing each would lower the
-  unlearned model's log-probability of the class its clean-set predictions collapsed onto;
+  unlearned model's log-probability of the class its clean-set predictions collapsed onto, or
+  (``objective="margin"``) that class's logit margin over the others, which does not saturate;
 - :func:`repair`: fine-tuning of the pruned model on the clean set with the pruned channels held
   at exactly zero, the repair stage that RNP's successors add (NFT, TSBD).
 
@@ -29,6 +30,7 @@ from rnp.data.images import ImageSet
 from rnp.defenses.finetune import clean_accuracy, fine_tune
 from rnp.data.loader import iterate_batches
 from rnp.defenses.masks import ChannelScores, MaskSet, channels_pruned, prune_channels
+from rnp.errors import RnpError
 from rnp.models.probes import eval_mode
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo
@@ -127,26 +129,42 @@ def repair(model: nn.Module, clean: ImageSet, scores: ChannelScores, pruned: tor
             "clean_accuracy_after": clean_accuracy(model, clean, device)}
 
 
+OBJECTIVES = ("log_prob", "margin")
+
+
 def target_gradient(unlearned: nn.Module, clean: ImageSet, kinds="auto", *, skip_last: bool = False,
-                    batch_size: int = 128, device="cpu") -> tuple[ChannelScores, dict]:
+                    batch_size: int = 128, device="cpu", objective: str = "log_prob") -> tuple[ChannelScores, dict]:
     """Channels scored by their first-order share in the unlearned model's collapse onto one class.
 
     The unlearned model sends most clean images to one class (a backdoored model's target, the
     exposure RNP rests on). With a mask of 1 on every channel of the mask layers (``kinds``,
-    ``skip_last`` as :class:`rnp.defenses.masks.MaskSet`), the gradient of the mean
-    log-probability of that class on the clean set with respect to a mask estimates how much it
-    would fall if the channel were zeroed; the score is minus that gradient, so that
-    :meth:`ChannelScores.order` puts the channels that hold the collapse up most first. Returns
-    the scores and the class with its share of the clean-set predictions.
+    ``skip_last`` as :class:`rnp.defenses.masks.MaskSet`), the gradient of a measure of that
+    class's hold on the clean set with respect to a mask estimates how much it would fall if the
+    channel were zeroed; the score is minus that gradient, so that :meth:`ChannelScores.order`
+    puts the channels that hold the collapse up most first. ``objective`` is the measure, a mean
+    over the clean images: "log_prob", the class's log-probability, or "margin", its logit minus
+    the log-sum-exp of the other logits. Per image, the log-probability's gradient is the margin's
+    times one minus the class's probability, so where the unlearned model is certain of the
+    class on every image (a probability of 1 to float precision) the log-probability's gradient
+    vanishes and its order is noise; the margin's does not. Returns the scores and the class with
+    its share of the clean-set predictions.
     """
+    if objective not in OBJECTIVES:
+        raise RnpError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     model = copy.deepcopy(unlearned).requires_grad_(False)
     masks = MaskSet(model, kinds, skip_last=skip_last)
     counts = torch.bincount(predict(model, clean, device=device), minlength=clean.num_classes)
     target = int(counts.argmax())
     with eval_mode(model):
         for images, _ in iterate_batches(clean, batch_size, device=device):
-            log_probs = torch.log_softmax(model(images).float(), 1)[:, target]
-            (log_probs.sum() / len(clean)).backward()
+            logits = model(images).float()
+            if objective == "log_prob":
+                hold = torch.log_softmax(logits, 1)[:, target]
+            else:
+                others = torch.cat([logits[:, :target], logits[:, target + 1:]], 1)
+                hold = logits[:, target] - torch.logsumexp(others, 1)
+            (hold.sum() / len(clean)).backward()
     scores = masks.scores()
     ranking = ChannelScores(scores.layer_names, scores.sizes, -masks.flat_grad().cpu())
-    return ranking, {"rule": "target_gradient", "class": target, "share": float(counts[target]) / len(clean)}
+    rule = "target_gradient" if objective == "log_prob" else "target_margin"
+    return ranking, {"rule": rule, "class": target, "share": float(counts[target]) / len(clean)}
