@@ -144,8 +144,11 @@ def test_the_margin_keeps_the_order_where_the_log_probability_saturates(trained,
     saturated, certain_target = target_gradient(certain, clean, batch_size=16)
     assert certain_target["share"] == 1 and certain_target["rule"] == "target_gradient"
     assert saturated.values.abs().max() == 0  # every gradient underflowed: the order is arbitrary
+    assert "vanished" in certain_target["warning"] and "target_margin" in certain_target["warning"]
+    assert "warning" not in target
     margin, margin_target = target_gradient(certain, clean, batch_size=16, objective="margin")
     assert margin_target["rule"] == "target_margin" and margin.values.abs().max() > 0
+    assert "warning" not in margin_target
     # a constant on the target's logit moves no margin gradient: the order is the uncertain model's
     assert torch.equal(margin.order(), plain.order())
     with pytest.raises(RnpError, match="objective must be one of log_prob, margin"):
