@@ -31,12 +31,12 @@ QUICK = {
 """Each precision-aware defense with settings that make it run every stage in seconds."""
 
 
-def pass_dtypes(model: nn.Module) -> list[torch.dtype]:
+def pass_dtypes(model: nn.Module) -> list[tuple[bool, torch.dtype]]:
     """Hooks the first convolution of ``model`` (the hook travels into the defenses' copies)
-    and returns the list it fills with the output dtype of every forward pass."""
+    and returns the list it fills with (train mode, output dtype) for every forward pass."""
     seen = []
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
     return seen
 
 
@@ -45,7 +45,9 @@ def test_amp_on_optimises_in_bfloat16_and_returns_a_float32_model(name, syntheti
     model = copy.deepcopy(synthetic_backdoor.model)
     seen = pass_dtypes(model)
     result = DEFENSES[name](**QUICK[name], amp="on").fit(model, synthetic_backdoor.clean)
-    assert torch.bfloat16 in seen
+    assert torch.bfloat16 in {dtype for _, dtype in seen}
+    training = [dtype for train_mode, dtype in seen if train_mode]
+    assert not training or training[-1] == torch.bfloat16  # the last optimisation too (FP's, TSBD's fine-tuning)
     for parameter in result.model.parameters():
         assert parameter.dtype == torch.float32 and parameter.is_contiguous()
     config = result.report["config"]
@@ -61,7 +63,7 @@ def test_amp_off_and_float32_auto_compute_nothing_in_low_precision(name, synthet
         model = copy.deepcopy(synthetic_backdoor.model)
         seen = pass_dtypes(model)
         result = DEFENSES[name](**QUICK[name], amp=amp).fit(model, synthetic_backdoor.clean)
-        assert set(seen) == {torch.float32}
+        assert {dtype for _, dtype in seen} == {torch.float32}
         assert result.report["config"]["amp"] == "off" and result.report["config"]["channels_last"] is False
 
 
