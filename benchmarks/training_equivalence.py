@@ -9,7 +9,9 @@ packaged demo data (the costly attacks with fewer generator steps), in float32 a
 with channels-last. It compares the trained tensors and the poisoned indices bit for bit. When
 all match, it prints the line that declares the two fingerprints equivalent in
 :data:`rnp.runs.fingerprint.EQUIVALENT_TRAINING_CODE`, so the cache reuses the older subjects;
-when any differs it says which, and the subjects must be retrained.
+when any differs it says which and exits with status 1. When only some attacks differ, it also
+prints that entry with the :data:`rnp.runs.fingerprint.RETRAINED_ATTACKS` line that retrains
+those attacks' subjects and keeps the others'.
 
     python benchmarks/training_equivalence.py --against d6c0cd7
 """
@@ -56,10 +58,18 @@ def main() -> None:
     differing = sorted(k for k in this["hashes"] if this["hashes"][k] != old["hashes"].get(k))
     print(f"training code: this checkout {this['code']}, {args.against} {old['code']}")
     print(f"{len(this['hashes']) - len(differing)} of {len(this['hashes'])} canaries identical")
-    if differing:
-        print("differ: " + ", ".join(differing) + " -> subjects must be retrained")
+    entry = f'"{this["code"]}": ("{old["code"]}",)'
+    if not differing:
+        print(f"equivalent: add to EQUIVALENT_TRAINING_CODE: {entry}")
+        return
+    print("differ: " + ", ".join(differing))
+    retrained = sorted({name.split("/")[0] for name in differing})
+    if len(retrained) == len(ATTACKS):
+        print("every attack differs -> every subject must be retrained")
         sys.exit(1)
-    print(f'equivalent: add to EQUIVALENT_TRAINING_CODE: "{this["code"]}": ("{old["code"]}",)')
+    print(f"equivalent except for {', '.join(retrained)}: add to EQUIVALENT_TRAINING_CODE: {entry}, "
+          f'and to RETRAINED_ATTACKS: "{this["code"]}": {tuple(retrained)!r}')
+    sys.exit(1)
 
 
 def canary_data(path: Path) -> Path:

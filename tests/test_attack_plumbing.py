@@ -72,6 +72,27 @@ def test_run_epoch_trains_on_the_hooks_batch_and_extra_loss():
     assert (predictions == 0).all()  # learned the hook's labels, not the data's
 
 
+class PrecisionHook(TrainingHook):
+    """Records the dtype of the classifier's logits in each ``transform``."""
+
+    def __init__(self):
+        self.dtypes: list[torch.dtype] = []
+
+    def transform(self, model, images, labels):
+        self.dtypes.append(model(images).dtype)
+        return images, labels, None
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_hooks_passes_run_in_the_steps_precision(mixed):
+    data = separable_image_set(n=16, num_classes=2)
+    model, hook = tiny_cnn(num_classes=2), PrecisionHook()
+    scaler = torch.amp.GradScaler("cpu", enabled=mixed)
+    run_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, augment=False,
+              hook=hook, scaler=scaler)
+    assert hook.dtypes == [torch.bfloat16 if mixed else torch.float32] * 2
+
+
 def test_hook_state_survives_checkpointed_resume(tmp_path):
     data = separable_image_set(n=16, num_classes=2)
     config = TrainConfig(epochs=2, batch_size=8, augment=False)

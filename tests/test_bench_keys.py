@@ -128,6 +128,27 @@ def test_equivalent_training_codes_follow_chains_nearest_first(monkeypatch):
     assert fingerprint.equivalent_training_codes("z") == []
 
 
+def test_a_link_that_retrained_an_attack_is_not_followed_for_it(monkeypatch):
+    monkeypatch.setattr(fingerprint, "EQUIVALENT_TRAINING_CODE", {"c": ("b",), "b": ("a",)})
+    monkeypatch.setattr(fingerprint, "RETRAINED_ATTACKS", {"b": ("bpp",), "c": ("lira",)})
+    assert fingerprint.equivalent_training_codes("c", "badnets") == ["b", "a"]
+    assert fingerprint.equivalent_training_codes("c", "bpp") == ["b"]
+    assert fingerprint.equivalent_training_codes("c", "lira") == []
+
+
+def test_an_equivalent_code_that_retrained_the_attack_retrains_the_subject(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    old = fingerprint.training_fingerprint()
+    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(run_training, "training_fingerprint", lambda: "newtraining0")
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    monkeypatch.setitem(fingerprint.EQUIVALENT_TRAINING_CODE, "newtraining0", (old,))
+    monkeypatch.setitem(fingerprint.RETRAINED_ATTACKS, "newtraining0", ("badnets",))
+    second = run(small_grid(data), tmp_path)
+    assert second.records[0]["subject_run"] != first.records[0]["subject_run"]
+    assert second.records[0]["subject_code"]["training_code"] == "newtraining0"
+
+
 def legacy_key(data: Path, grid) -> str:
     """The key every subject was cached under before fingerprints (the package version hashed)."""
     subject = grid.subjects()[0]

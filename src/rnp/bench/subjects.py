@@ -107,7 +107,8 @@ def _equivalent_folder(cache_root: Path, spec: dict, code: str, *, fresh: bool) 
     """The folder of ``spec`` trained by a training code verified equivalent to ``code``: a
     finished one, else (when ``fresh``: this code has not started its own) an interrupted one,
     which this code then resumes."""
-    folders = [cache_root / f"{_hash(spec)}-{older}" for older in equivalent_training_codes(code)]
+    attack = spec["attack"]["name"] if spec["attack"] else "none"
+    folders = [cache_root / f"{_hash(spec)}-{older}" for older in equivalent_training_codes(code, attack)]
     finished = [f for f in folders if (f / MODEL_FILE).exists()]
     if finished:
         return finished[0]

@@ -16,7 +16,8 @@ class TrainingHook:
     """Called by the training loop around each classifier update; every method is optional.
 
     Per batch the loop calls :meth:`transform` (before the classifier's gradients are cleared,
-    so a hook may run its own forward and backward passes, e.g. to update a generator), then
+    so a hook may run its own forward and backward passes, e.g. to update a generator; under the
+    step's autocast, so in mixed precision they run in bfloat16 or float16 as the step does), then
     descends the cross-entropy of the returned batch plus the returned extra loss, then calls
     :meth:`after_update`. :meth:`state_dict` and :meth:`load_state_dict` carry the hook's own
     state (generator weights, optimiser moments, random generator) through checkpoints, so an

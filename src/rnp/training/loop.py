@@ -63,8 +63,9 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
     With an enabled ``scaler`` the step runs in mixed precision: the forward pass, the loss and
     the penalty under :func:`torch.autocast` (float16 on CUDA, bfloat16 on the CPU), the
     backward pass and the update through the scaler, which skips a step whose gradients
-    overflowed. A hook's own passes in ``transform`` stay in float32. Without a scaler (or with
-    a disabled one) every step is computed exactly as in full precision.
+    overflowed. A hook's ``transform`` runs under the same autocast, so its own passes through the
+    classifier (BppAttack's PGD negatives, LIRA's generator step) are as cheap as the step's.
+    Without a scaler (or with a disabled one) every step is computed exactly as in full precision.
     """
     device = torch.device(device)
     mixed = scaler is not None and scaler.is_enabled()
@@ -74,9 +75,9 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
     for images, labels in iterate_batches(data, batch_size, shuffle=True, augment=augment,
                                           generator=generator, device=device):
         extra = None
-        if hook is not None:
-            images, labels, extra = hook.transform(model, images, labels)
         with autocast(mixed, device):
+            if hook is not None:
+                images, labels, extra = hook.transform(model, images, labels)
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
             objective = (-loss if ascent else loss) * loss_scale
