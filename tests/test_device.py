@@ -192,7 +192,7 @@ class CountingHook(TrainingHook):
 
     def transform(self, model, images, labels):
         self.transforms += 1
-        assert not torch.is_autocast_enabled("cpu")  # the hook's own passes stay float32
+        assert torch.is_autocast_enabled("cpu")  # the hook's own passes share the step's precision
         return images, torch.zeros_like(labels), torch.zeros(())
 
     def after_update(self):

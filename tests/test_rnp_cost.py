@@ -64,6 +64,21 @@ def test_floor_trains_exactly_the_images_asked_for_on_a_copy(synthetic_backdoor)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("on", torch.bfloat16)])
+def test_floor_trains_in_the_precision_and_layout_it_is_given(synthetic_backdoor, amp, dtype):
+    model, layouts, dtypes = copy.deepcopy(synthetic_backdoor.model), [], []
+
+    def hook(module, inputs, output):
+        if module.training:
+            dtypes.append(output.dtype)
+            layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last))
+
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(hook)
+    optimisation_floor(model, synthetic_backdoor.clean, images=64, batch_size=32, amp=amp, channels_last=True)
+    assert dtypes == [dtype] * 3 and all(layouts)  # the warm-up step, then two
+
+
 def test_floor_refuses_a_nonpositive_image_count(synthetic_backdoor):
     with pytest.raises(RnpError, match="positive"):
         optimisation_floor(synthetic_backdoor.model, synthetic_backdoor.clean, images=0)

@@ -51,8 +51,8 @@ def test_records_and_cache_keys_hold_no_new_field_at_its_default():
     assert list(config_record(RNPConfig(ranking="masks"))) == OLD_FIELDS
     assert list(config_record(RNPConfig.paper())) == [f for f in OLD_FIELDS if f != "amp"]  # off: omitted
     # the default order came after records existed: recorded, so an old record still means masks
-    assert RNPConfig().ranking == "target_gradient" and RNPConfig.paper().ranking == "masks"
-    assert config_record(RNPConfig())["ranking"] == "target_gradient"
+    assert RNPConfig().ranking == "target_margin" and RNPConfig.paper().ranking == "masks"
+    assert config_record(RNPConfig())["ranking"] == "target_margin"
     assert config_from_dict(RNPConfig, config_record(RNPConfig(ranking="masks"))).ranking == "masks"
     assert {f.name: f.default for f in dataclasses.fields(RNPConfig) if f.name in NEW_DEFAULTS} == NEW_DEFAULTS
     assert config_record(RNPConfig(mask_runs=2, unlearn_depths=[0.5]))["unlearn_depths"] == [0.5]

@@ -90,7 +90,8 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
         record["rnp"] = _rnp_details(cell, result, subject, device)
         if cell.cost_floor:
             record["rnp"].update(floor_seconds=statistics.median(f for _, _, f in runs),
-                                 floor_ratio=statistics.median(s / f for _, s, f in runs))
+                                 floor_ratio=statistics.median(s / f for _, s, f in runs),
+                                 floor_precision=result.report["config"].get("amp", "off"))
     if cell.measures_subject:
         record.update(_subject_measurements(cell, model, clean, subject, control_dir))
     if cell.retuning is not None:
@@ -107,8 +108,10 @@ def _timed_defense(cell: Cell, model, clean, device) -> tuple[DefenseResult, flo
     seconds = time.perf_counter() - start
     floor = None
     if cell.defense == "rnp" and cell.cost_floor:
-        floor = optimisation_floor(model, clean, images=rnp_floor_images(result),
-                                   batch_size=result.report["config"]["batch_size"], device=device)
+        config = result.report["config"]
+        floor = optimisation_floor(model, clean, images=rnp_floor_images(result), batch_size=config["batch_size"],
+                                   device=device, amp=config.get("amp", "off"),
+                                   channels_last=config.get("channels_last", False))
     return result, seconds, floor
 
 

@@ -11,7 +11,9 @@ Its floor is that many images' worth of plain training steps:
 - **Timed as**: :func:`optimisation_floor` runs that many images through forward pass,
   cross-entropy, backward pass and an SGD step (momentum 0.9, weight decay 5e-4, RNP's
   unlearning optimiser) with ALL weights trainable, on a copy of the model, in batches of
-  ``batch_size`` drawn epoch by epoch from the clean set with RNP's augmentation.
+  ``batch_size`` drawn epoch by epoch from the clean set with RNP's augmentation, in RNP's
+  precision and memory layout (its ``amp`` and ``channels_last``), so a bfloat16 RNP is not
+  held against a float32 floor.
 - **Not counted**: everything else RNP does (copies of the model, the probe of its inputs,
   the stopping rule's bookkeeping, the mask parametrizations, the pruning rule's evaluations,
   the final pruning, the report). The recovering stage trains the masks only, so its backward
@@ -31,7 +33,8 @@ from torch import nn
 from rnp.data.images import ImageSet
 from rnp.data.loader import iterate_batches
 from rnp.errors import RnpError
-from rnp.utils import generator_for, model_device
+from rnp.training.precision import autocast, backward_and_step, grad_scaler
+from rnp.utils import generator_for, model_device, uses_amp
 
 
 def rnp_floor_images(result) -> int:
@@ -50,26 +53,32 @@ def rnp_floor_images(result) -> int:
 
 
 def optimisation_floor(model: nn.Module, clean: ImageSet, *, images: int, batch_size: int = 128,
-                       device=None, augment: bool = True, seed: int = 0) -> float:
+                       device=None, augment: bool = True, seed: int = 0, amp: str = "off",
+                       channels_last: bool = False) -> float:
     """Seconds of ``images`` images' worth of plain training steps on a copy of ``model``.
 
     Batches of ``batch_size`` come epoch by epoch from ``clean`` (shuffled, augmented like
     RNP when ``augment``); the last batch is cut so that exactly ``images`` images are seen.
-    One untimed warm-up step comes first, so the floor is the steady-state cost. ``model`` is
-    not modified.
+    Steps run under autocast where ``amp`` (a mode of :func:`rnp.utils.uses_amp`) computes in
+    low precision on the device, with channels-last weights if ``channels_last``. One untimed
+    warm-up step comes first, so the floor is the steady-state cost. ``model`` is not modified.
     """
     if images < 1 or batch_size < 1 or len(clean) == 0:
         raise RnpError("the floor needs a positive image count, a positive batch size and clean images")
     device = device if device is not None else model_device(model)
+    mixed = uses_amp(amp, device)
     working = copy.deepcopy(model).to(device).train().requires_grad_(True)
+    if channels_last:
+        working.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(working.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = grad_scaler(mixed, device)
     generator = generator_for(seed, "optimisation-floor")
 
     def step(batch: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = F.cross_entropy(working(batch), labels)
+        with autocast(mixed, device):
+            loss = F.cross_entropy(working(batch), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
 
     step(*next(iterate_batches(clean, batch_size, shuffle=True, augment=augment,
                                generator=generator, device=device)))

@@ -187,13 +187,16 @@ def cost_table(records: list[dict]) -> str:
     if not rows:
         return ""
     table = [["attack", "seed", "defense", "RNP seconds", "unlearn / recover / prune", "floor seconds",
-              "RNP / floor", "runs"]]
+              "floor amp", "RNP / floor", "runs"]]
     for r in rows:
         stages = " / ".join(f"{r['stages'].get(s, 0):.1f}" for s in ("unlearn", "recover", "prune"))
         table.append([r["label"]["attack"], _seed(r["label"]), r["label"]["defense"], f"{r['seconds']:.1f}", stages,
-                      f"{r['rnp']['floor_seconds']:.1f}", f"{r['rnp']['floor_ratio']:.2f}", _runs(r)])
+                      f"{r['rnp']['floor_seconds']:.1f}", r["rnp"].get("floor_precision", "off"),
+                      f"{r['rnp']['floor_ratio']:.2f}", _runs(r)])
     return ("RNP's cost against its floor (the same number of forward+backward passes of plain "
-            "training in float32, timed in the same cell on the same model):\n\n" + render_table(table, markdown=True))
+            "training, timed in the same cell on the same model; floor amp 'on': in RNP's mixed precision "
+            "and layout, 'off': float32, as every floor before 2026-12-06 was):\n\n"
+            + render_table(table, markdown=True))
 
 
 def _runs(record: dict) -> str:
