@@ -93,12 +93,18 @@ def test_keep_older_counts_a_cell_of_older_code_as_done(data, tmp_path, monkeypa
     assert len(again.computed) == 1
 
 
-def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatch):
-    first = run(small_grid(data), tmp_path)
+def new_training_code(monkeypatch) -> str:
+    """Makes the code look edited (training fingerprint "newtraining0"); the old fingerprint."""
     old = fingerprint.training_fingerprint()
     monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
     monkeypatch.setattr(run_training, "training_fingerprint", lambda: "newtraining0")
     monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    return old
+
+
+def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatch):
+    first = run(small_grid(data), tmp_path)
+    old = new_training_code(monkeypatch)
     lines = []
     second = run(small_grid(data), tmp_path, lines)
     assert second.records[0]["subject_run"] != first.records[0]["subject_run"]
@@ -110,9 +116,7 @@ def test_a_training_code_change_retrains_and_says_why(data, tmp_path, monkeypatc
 
 def test_a_verified_equivalent_training_code_reuses_the_subject(data, tmp_path, monkeypatch):
     first = run(small_grid(data), tmp_path)
-    old = fingerprint.training_fingerprint()
-    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
-    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    old = new_training_code(monkeypatch)
     monkeypatch.setitem(fingerprint.EQUIVALENT_TRAINING_CODE, "newtraining0", (old,))
     lines = []
     second = run(small_grid(data), tmp_path, lines)
@@ -138,10 +142,7 @@ def test_a_link_that_retrained_an_attack_is_not_followed_for_it(monkeypatch):
 
 def test_an_equivalent_code_that_retrained_the_attack_retrains_the_subject(data, tmp_path, monkeypatch):
     first = run(small_grid(data), tmp_path)
-    old = fingerprint.training_fingerprint()
-    monkeypatch.setattr(subjects, "training_fingerprint", lambda: "newtraining0")
-    monkeypatch.setattr(run_training, "training_fingerprint", lambda: "newtraining0")
-    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "newpackage00")
+    old = new_training_code(monkeypatch)
     monkeypatch.setitem(fingerprint.EQUIVALENT_TRAINING_CODE, "newtraining0", (old,))
     monkeypatch.setitem(fingerprint.RETRAINED_ATTACKS, "newtraining0", ("badnets",))
     second = run(small_grid(data), tmp_path)
