@@ -32,7 +32,7 @@ from rnp.bench.report import markdown as bench_markdown
 from rnp.cli.main import build_parser
 from rnp.cli.options import field_descriptions
 from rnp.defenses import DEFENSES, RNPConfig
-from rnp.detection import SAMPLE_DETECTORS, Exposure, RecoveredTrigger, TriggerComparison
+from rnp.detection import SAMPLE_DETECTORS, BackdoorVerdict, Exposure, RecoveredTrigger, TriggerComparison
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.training import TrainConfig
 
@@ -172,7 +172,8 @@ def config_reference() -> str:
 REGISTRIES = {
     "attacks": lambda: ATTACKS,
     "defenses": lambda: DEFENSES,
-    "detectors": lambda: {"target label and backdoored model": Exposure,
+    "detectors": lambda: {"backdoored model and its kind, repeated": BackdoorVerdict,
+                          "target label and backdoored model": Exposure,
                           "trigger reverse-engineering": RecoveredTrigger,
                           "trigger recovery on both models": TriggerComparison, **SAMPLE_DETECTORS},
 }

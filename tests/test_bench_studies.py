@@ -17,6 +17,7 @@ import yaml
 from rnp.bench import grid as grid_module
 from rnp.bench.grid import parse_grid
 from rnp.cli.main import main
+from rnp.detection import collapse_map, judge
 from rnp.errors import RnpError
 
 from helpers import write_dataset
@@ -131,6 +132,9 @@ def test_label_runs_of_clean_and_backdoored_subjects(studies):
             assert sum(map(sum, run["confusion"])) == clean_images and len(run["drift_shares"]) == 3
             assert run["candidate"] == max(range(3), key=run["drift_shares"].__getitem__) and run["steps"] >= 1
         assert len({tuple(run["drift_shares"]) for run in runs}) > 1  # other images, other seeds
+        verdict = judge(collapse_map([run["confusion"] for run in runs]))
+        assert record["label_runs"]["verdict"] == verdict.to_dict()
+        assert f"| {verdict.agreement:.2f} | {verdict.kind}" in text
     assert "## Label over repeated unlearnings" in text and "| badnets seed 0 |" in text
 
 

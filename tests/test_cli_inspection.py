@@ -74,6 +74,50 @@ def test_inspect_options_reach_the_api(capsys, run, tmp_path):
     assert report["exposure"]["unlearning_steps"] <= 2 * 3  # --unlearn-epochs 2, 20 images in batches of 16
 
 
+def test_inspect_gives_a_verdict_from_repeated_unlearnings(capsys, run, tmp_path):
+    out = tmp_path / "inspect"
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", out, *FAST, "--no-trigger", "--runs", "3")
+    found = json.loads((out / "report.json").read_text())["collapse"]
+    assert code == 0 and found["runs"] == 3 and found["subset"] == 0.5 and found["threshold"] == 0.5
+    assert 0 <= found["agreement"] <= 1 and len(found["consensus"]) == 3 and found["false_alarm_bound"] is None
+    assert "- verdict: **" in stdout and "promises no false-positive rate" in stdout
+
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "strict", *FAST, "--no-trigger",
+                              "--runs", "3", "--map-threshold", "1")
+    assert code == 0 and "- verdict: **no backdoor found**" in stdout
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "lax", *FAST, "--no-trigger",
+                              "--runs", "3", "--map-threshold", "-1")
+    assert code == 0 and "- verdict: **backdoored" in stdout and "do not deploy it" in stdout
+
+    # the model's own report as the only known-clean reference: the threshold is its own agreement
+    code, stdout, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "calibrated", *FAST,
+                              "--no-trigger", "--runs", "3", "--map-threshold", "-1",
+                              "--clean-reports", out / "report.json")
+    calibrated = json.loads((tmp_path / "calibrated" / "report.json").read_text())["collapse"]
+    assert code == 0 and calibrated["threshold"] == found["agreement"] and calibrated["kind"] == "clean"
+    assert calibrated["false_alarm_bound"] == 0.5 and "with chance at most 50.0%" in stdout
+
+    code, _, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "single", *FAST, "--no-trigger",
+                         "--runs", "0")
+    assert code == 0 and "collapse" not in json.loads((tmp_path / "single" / "report.json").read_text())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--runs", "-1"], "--runs must be 0 or more"),
+    (["--run-subset", "0"], "--run-subset is a share"),
+    (["--runs", "0", "--clean-reports", "r.json"], "--runs 0 skips them"),
+    (["--clean-reports", "missing.json"], "missing.json: file not found"),
+    (["--clean-reports", "{report}"], "not a report of `rnp inspect` with repeated unlearnings"),
+    (["--clean-reports", "{report}", "--fpr", "2"], "not a report"),
+])
+def test_inspect_bad_verdict_options_are_one_line(capsys, run, tmp_path, argv, message):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"collapse": {"agreement": 1.5}}))
+    argv = [a.replace("{report}", str(report)) for a in argv]
+    code, _, err = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "o", *FAST, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_scan_data_scores_every_sample_with_known_poison(capsys, run, tmp_path):
     out = tmp_path / "scan"
     code, stdout, _ = run_cli(capsys, "scan-data", "--run", run, "--out", out, *FAST,

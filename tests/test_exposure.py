@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rnp.detection
-from rnp.defenses import FP, RNP, ExposedFP
+from rnp.defenses import FP, RNP, ExposedFP, RNPConfig
 from rnp.detection.exposure import (Exposure, detect_backdoored_model, detect_target_label, expose, expose_runs,
                                    run_summaries)
 from rnp.detection.poisoned_samples import LossScore, UnlearnedMargin
@@ -73,6 +73,13 @@ def test_repeated_unlearnings_draw_their_own_images_and_seeds(synthetic_backdoor
     summaries = run_summaries(runs, clean)
     assert [s["candidate"] for s in summaries] == [int(e.drift_shares().argmax()) for e in runs]
     assert all(sum(map(sum, s["confusion"])) == len(clean) for s in summaries)
+
+
+def test_repeated_unlearnings_take_a_config_and_give_each_run_its_seed(synthetic_backdoor):
+    clean = synthetic_backdoor.clean
+    with_config = expose_runs(synthetic_backdoor.model, clean, 2, 0.5, RNPConfig(unlearn_lr=0.02, seed=9), seed=4)
+    with_keywords = expose_runs(synthetic_backdoor.model, clean, 2, 0.5, seed=4, unlearn_lr=0.02)
+    assert all(torch.equal(a.prediction_counts, b.prediction_counts) for a, b in zip(with_config, with_keywords))
 
 
 @pytest.mark.parametrize("runs, subset, message", [(0, 0.5, "runs takes integers"), (2, 0.0, "subset is a share"),

@@ -30,8 +30,8 @@ import torch
 
 from rnp.attacks import PoisonedSet
 from rnp.data.images import ImageSet
-from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, detect_backdoored_model,
-                           detect_target_label, expose, expose_runs, recover_on_both, run_summaries,
+from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, collapse_map, detect_backdoored_model,
+                           detect_target_label, expose, expose_runs, judge, recover_on_both, run_summaries,
                            true_trigger_mask)
 from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
 from rnp.errors import RnpError
@@ -78,12 +78,14 @@ class LabelRunsConfig:
 
 
 def measure_label_runs(run, model, clean: ImageSet, config: LabelRunsConfig, *, seed: int) -> dict:
-    """Where ``config.runs`` unlearnings of ``model`` drift, with the subject's true target."""
+    """Where ``config.runs`` unlearnings of ``model`` drift, the verdict of their collapse map
+    (:func:`rnp.detection.collapse.judge` at its default threshold), and the subject's truth."""
     attack = run.attack
     exposures = expose_runs(model, clean, config.runs, config.subset, seed=seed, amp=config.amp)
+    runs = run_summaries(exposures, clean)
     return {"backdoored": attack is not None, "mode": attack.mode if attack is not None else None,
             "true_target": attack.target if attack is not None and attack.mode == "all2one" else None,
-            "runs": run_summaries(exposures, clean)}
+            "runs": runs, "verdict": judge(collapse_map([r["confusion"] for r in runs])).to_dict()}
 
 
 def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> dict:

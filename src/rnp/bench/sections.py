@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 
+from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, BackdoorVerdict, collapse_map, judge
 from rnp.io.tables import render_table
 from rnp.metrics.detection import auroc
 
@@ -268,10 +269,11 @@ def label_runs_table(records: list[dict]) -> str:
     if not rows:
         return ""
     table = [["subject", "clean seed", "true target", "run classes", "most frequent (runs)",
-              "its drift share", "top drift share per run", "steps"]]
+              "its drift share", "top drift share per run", "steps", "map agreement", "verdict"]]
     for r in rows:
         found, runs = r["label_runs"], r["label_runs"]["runs"]
         classes = [run["candidate"] for run in runs]
+        verdict = judge(collapse_map([run["confusion"] for run in runs]))
         mode = max(set(classes), key=lambda c: (classes.count(c), -c))
         top = [max(run["drift_shares"]) for run in runs]
         steps = [run["steps"] for run in runs]
@@ -280,11 +282,22 @@ def label_runs_table(records: list[dict]) -> str:
         table.append([_subject(r), r["label"].get("clean_seed", "-"), truth, " ".join(map(str, classes)),
                       f"{mode} ({classes.count(mode)}/{len(classes)})",
                       _share_spread([run["drift_shares"][mode] for run in runs]),
-                      f"{min(top):.2f}-{max(top):.2f}", f"{min(steps)}-{max(steps)}"])
+                      f"{min(top):.2f}-{max(top):.2f}", f"{min(steps)}-{max(steps)}",
+                      f"{verdict.agreement:.2f}", _verdict_words(verdict)])
     return "\n".join(["## Label over repeated unlearnings", "",
                       "Each run unlearns on a random part of the clean set with its own seed; its class is "
                       "the one its predictions drifted to most. Drift shares are fractions of the predictions "
-                      "(mean ± sd over the runs).", "", render_table(table, markdown=True)])
+                      "(mean ± sd over the runs). The map agreement is the share of the clean images, over all "
+                      "runs, predicted as the class most runs send their label to; the verdict calls the model "
+                      f"backdoored above {MAP_AGREEMENT_THRESHOLD} (rnp.detection.collapse, fixed on the "
+                      "development subjects), computed here from the records' confusion matrices.", "",
+                      render_table(table, markdown=True)])
+
+
+def _verdict_words(verdict: BackdoorVerdict) -> str:
+    if verdict.kind == "all-to-one":
+        return f"all-to-one, target {verdict.target}"
+    return verdict.kind
 
 
 def _share_spread(values: list[float]) -> str:

@@ -18,6 +18,7 @@ from rnp.data.images import ImageSet
 from rnp.data.sources import load_dataset
 from rnp.defenses import RNPConfig
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
+from rnp.detection.collapse import Calibration, calibrate, detect_backdoor
 from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS, Strip, StripConfig
 from rnp.detection.trigger_recovery import recover_on_both, trigger_tiles, true_trigger_mask
@@ -25,7 +26,7 @@ from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
 from rnp.io import plots
 from rnp.io.figures import image_grid, save_png, side_by_side
-from rnp.io.files import write_json, write_text
+from rnp.io.files import read_json, write_json, write_text
 from rnp.io.tables import render_table, write_csv
 from rnp.metrics.detection import auroc, positives_mask, share_above, threshold_at_fpr, tpr_at_fpr
 from rnp.runs.folder import load_run
@@ -59,6 +60,7 @@ def inspect(args) -> int:
     if args.target is not None and not 0 <= args.target < len(subject.classes):
         raise RnpError(f"--target {args.target}: the model has {len(subject.classes)} classes "
                        f"(0 to {len(subject.classes) - 1})")
+    threshold = _map_threshold(args)
     exposure = _expose(args, subject)
     label = detect_target_label(exposure, threshold=args.label_threshold)
     verdict = detect_backdoored_model(exposure, threshold=args.variance_threshold)
@@ -67,6 +69,12 @@ def inspect(args) -> int:
                            "seconds": exposure.seconds},
               "label_detection": label.to_dict(), "model_detection": verdict.to_dict(),
               "clean_set": subject.clean_record}
+    if args.runs:
+        start, config = time.perf_counter(), _unlearning_config(args)
+        found = detect_backdoor(subject.model, subject.clean, threshold, runs=args.runs, subset=args.run_subset,
+                                config=config, seed=config.seed, progress=not args.quiet)
+        report["collapse"] = {**found.to_dict(), "runs": args.runs, "subset": args.run_subset,
+                              "seconds": time.perf_counter() - start}
     classes = len(subject.classes)
     figure = plots.Figure([
         plots.Bars(subject.classes, verdict.shares, title="Clean images predicted as each class, unlearned model",
@@ -202,8 +210,35 @@ def _subject(args) -> _Subject:
 
 def _expose(args, subject: "_Subject") -> Exposure:
     """RNP's unlearning of the subject's model on its clean images, with the given settings."""
-    return expose(subject.model, subject.clean, RNPConfig(**config_overrides(args, RNPConfig)),
-                  progress=not args.quiet)
+    return expose(subject.model, subject.clean, _unlearning_config(args), progress=not args.quiet)
+
+
+def _unlearning_config(args) -> RNPConfig:
+    return RNPConfig(**config_overrides(args, RNPConfig))
+
+
+def _map_threshold(args) -> float | Calibration:
+    """``--map-threshold``, or the threshold that the map agreements in ``--clean-reports``
+    (reports of known-clean models) set at ``--fpr``; checked before any unlearning runs."""
+    if args.runs < 0:
+        raise RnpError(f"--runs must be 0 or more, got {args.runs}")
+    if not 0 < args.run_subset <= 1:
+        raise RnpError(f"--run-subset is a share of the clean images in (0, 1], got {args.run_subset}")
+    if not args.clean_reports:
+        return args.map_threshold
+    if not args.runs:
+        raise RnpError("--clean-reports sets the threshold of the repeated unlearnings; --runs 0 skips them")
+    agreements = []
+    for path in args.clean_reports:
+        collapse = read_json(path).get("collapse")
+        agreement = collapse.get("agreement") if isinstance(collapse, dict) else None
+        if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) or not 0 <= agreement <= 1:
+            raise RnpError(f"{path}: not a report of `rnp inspect` with repeated unlearnings "
+                           "(no collapse agreement in [0, 1])")
+        agreements.append(float(agreement))
+    if not 0 <= args.fpr <= 1:
+        raise RnpError(f"--fpr must be a rate in [0, 1], got {args.fpr}")
+    return calibrate(agreements, args.fpr)
 
 
 def _drift_series(exposure: Exposure, classes: list[str]) -> dict[str, list[float]]:
@@ -237,12 +272,14 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
              else f"none stands out (top candidate {label['candidate']})")
     if label["target"] is not None and not verdict["backdoored"]:
         named += " (but the model does not look backdoored: on clean models the label alone often fires)"
-    lines = ["# rnp inspect", "",
-             f"- backdoored: **{'yes' if verdict['backdoored'] else 'no'}** (variance of class shares "
-             f"{verdict['score']:.4f}, threshold {verdict['threshold']})",
-             f"- target label: **{named}**, confidence {label['confidence']:.2f} (threshold {label['threshold']})",
-             f"- unlearning: {report['exposure']['unlearning_steps']} steps, "
-             f"{report['exposure']['seconds']:.1f} s"]
+    lines = ["# rnp inspect", ""]
+    if "collapse" in report:
+        lines += _collapse_words(report["collapse"], classes) + ["", "One unlearning on all the clean images:", ""]
+    lines += [f"- backdoored: **{'yes' if verdict['backdoored'] else 'no'}** (variance of class shares "
+              f"{verdict['score']:.4f}, threshold {verdict['threshold']})",
+              f"- target label: **{named}**, confidence {label['confidence']:.2f} (threshold {label['threshold']})",
+              f"- unlearning: {report['exposure']['unlearning_steps']} steps, "
+              f"{report['exposure']['seconds']:.1f} s"]
     trigger = report.get("trigger_recovery")
     if trigger:
         rows = [["model", "mask L1", "IoU", "success on original", "steps", "seconds"]]
@@ -251,6 +288,36 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
                          f"{100 * row['success']:.1f}%", str(row["steps"]), f"{row['seconds']:.1f}"])
         lines += ["", f"Trigger recovery for class {trigger['target']}:", "", render_table(rows, markdown=True)]
     return "\n".join(lines) + "\n"
+
+
+def _collapse_words(found: dict, classes: list[str]) -> list[str]:
+    """The verdict of the repeated unlearnings, what it rests on, and what to conclude."""
+    comparison = (f"map agreement {found['agreement']:.2f}, {'above' if found['backdoored'] else 'at most'} "
+                  f"the threshold {found['threshold']:.2f}; {found['runs']} unlearnings, {found['seconds']:.0f} s")
+    if found["kind"] == "all-to-one":
+        target = found["target"]
+        head = (f"- verdict: **backdoored, target class {target} ({classes[target]})**: the unlearnings, each on "
+                f"another part of your clean images, send them to the same class ({comparison}).")
+        advice = (f"Treat the model as backdoored with target {classes[target]}: do not deploy it as it is; "
+                  "purify it (`rnp defend`) and inspect the result again.")
+    elif found["kind"] == "all-to-all":
+        moves = ", ".join(f"{classes[y]} -> {classes[c]}" for y, c in enumerate(found["consensus"]) if c is not None)
+        head = (f"- verdict: **backdoored, all-to-all**: the unlearnings agree on a map between classes "
+                f"({moves}) rather than on one target ({comparison}).")
+        advice = "Treat the model as backdoored: do not deploy it as it is; purify it (`rnp defend`)."
+    else:
+        head = (f"- verdict: **no backdoor found**: unlearnings on different parts of your clean images break "
+                f"the model in different directions ({comparison}).")
+        advice = ("This is evidence, not proof: a backdoor this test misses leaves the same picture. "
+                  "The single-unlearning scores below are weaker evidence (they fire on clean models).")
+    if found["false_alarm_bound"] is None:
+        rate = ("The threshold was fixed on development models (PreAct-ResNet18, CIFAR-10) and promises no "
+                "false-positive rate on yours: run `rnp inspect` on models you know to be clean and pass their "
+                "report.json files with --clean-reports to set one.")
+    else:
+        rate = (f"The threshold was set from models you know to be clean: a clean model like them is called "
+                f"backdoored with chance at most {100 * found['false_alarm_bound']:.1f}%.")
+    return [head, f"- {advice}", f"- {rate}"]
 
 
 def _split_clean(subject: _Subject, seed: int) -> tuple[_Subject, ImageSet]:

@@ -20,6 +20,7 @@ from rnp.cli.options import add_config_options, clean_size, count, finite_float,
 from rnp.defenses import DEFENSES, RNPConfig
 from rnp.defenses.neural_cleanse import BUDGETS
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
+from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, RUNS as COLLAPSE_RUNS, SUBSET as COLLAPSE_SUBSET
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
 from rnp.errors import RnpError
@@ -129,6 +130,19 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     inspect.add_argument("--variance-threshold", type=finite_float, default=EBYD_VARIANCE_THRESHOLD,
                          help="variance of the class shares above which the model is called "
                               "backdoored (default 0.01, EBYD's)")
+    inspect.add_argument("--runs", type=int, default=COLLAPSE_RUNS,
+                         help="unlearnings on random parts of the clean images whose agreement gives "
+                              f"the verdict (default {COLLAPSE_RUNS}; 0 skips it)")
+    inspect.add_argument("--run-subset", type=finite_float, default=COLLAPSE_SUBSET,
+                         help=f"share of the clean images each of those unlearnings draws (default {COLLAPSE_SUBSET})")
+    inspect.add_argument("--map-threshold", type=finite_float, default=MAP_AGREEMENT_THRESHOLD,
+                         help="map agreement above which the model is called backdoored "
+                              f"(default {MAP_AGREEMENT_THRESHOLD}, fixed on development models)")
+    inspect.add_argument("--clean-reports", nargs="+", metavar="REPORT",
+                         help="report.json of `rnp inspect` on models known to be clean: the threshold is "
+                              "set from their map agreements at --fpr instead")
+    inspect.add_argument("--fpr", type=finite_float, default=0.05,
+                         help="false-positive rate on the --clean-reports models (default 0.05)")
     inspect.add_argument("--target", type=int, help="recover the trigger of this class instead of "
                                                     "the detected one")
     inspect.add_argument("--no-trigger", action="store_true", help="skip the trigger recovery")

@@ -5,6 +5,8 @@ Neural Cleanse's trigger search lives in :mod:`rnp.defenses.trigger_reverse` (th
 it, and detection, which builds on RNP's unlearning, sits above the defenses); it is exported
 here too, with the MAD anomaly index of :mod:`rnp.metrics`."""
 
+from rnp.detection.collapse import (BackdoorVerdict, Calibration, CollapseMap, calibrate, collapse_map,
+                                    detect_backdoor, judge)
 from rnp.detection.exposure import (Exposure, LabelDetection, ModelDetection, detect_backdoored_model,
                                     detect_target_label, expose, expose_runs, run_summaries)
 from rnp.detection.poisoned_samples import (SAMPLE_DETECTORS, ActivationClustering, LossScore,
@@ -15,7 +17,8 @@ from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig
                                           output_classes, reverse_engineer_trigger)
 from rnp.metrics.detection import anomaly_indices
 
-__all__ = ["Exposure", "LabelDetection", "ModelDetection", "detect_backdoored_model", "detect_target_label",
+__all__ = ["BackdoorVerdict", "Calibration", "CollapseMap", "calibrate", "collapse_map", "detect_backdoor", "judge",
+           "Exposure", "LabelDetection", "ModelDetection", "detect_backdoored_model", "detect_target_label",
            "expose", "expose_runs", "run_summaries", "SAMPLE_DETECTORS",
            "ActivationClustering", "LossScore", "SpectralSignatures", "Strip", "UnlearnedMargin",
            "TriggerComparison", "mask_iou", "recover_on_both", "trigger_success", "true_trigger_mask",

@@ -23,6 +23,7 @@ poisoned data), so they can be run by a defender as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -104,7 +105,8 @@ def expose(model: nn.Module, clean_data, config: RNPConfig | None = None, *,
 def expose_runs(model: nn.Module, clean_data, runs: int, subset: float, config: RNPConfig | None = None,
                 *, seed: int = 0, progress: bool = False, **overrides) -> list[Exposure]:
     """``runs`` unlearnings of copies of ``model``, run ``r`` on a random ``subset`` share of the
-    clean images (drawn with its own seeded generator) with RNP's seed ``seed + r``.
+    clean images (drawn with its own seeded generator) with RNP's seed ``seed + r`` (which
+    replaces the seed of ``config``).
 
     One unlearning names the class its predictions drift to; whether another draw of the images
     and another batch order name the same class tells a target the model carries from a class
@@ -119,8 +121,12 @@ def expose_runs(model: nn.Module, clean_data, runs: int, subset: float, config: 
     exposures = []
     for run in range(runs):
         pick = torch.randperm(len(clean), generator=generator_for(seed, f"exposure-run-{run}"))[:size]
-        exposures.append(expose(model, clean.subset(pick.sort().values), config, progress=progress,
-                                **{**overrides, "seed": seed + run}))
+        if config is None:
+            run_config, run_overrides = None, {**overrides, "seed": seed + run}
+        else:
+            run_config, run_overrides = dataclasses.replace(config, seed=seed + run), overrides
+        exposures.append(expose(model, clean.subset(pick.sort().values), run_config, progress=progress,
+                                **run_overrides))
     return exposures
 
 

@@ -14,7 +14,8 @@ Convention everywhere: a higher score means more suspicious (more likely poisone
   threshold is the highest negative score, which no negative exceeds (nothing flagged), and
   with ``fpr = 1`` it is ``-inf`` (everything is flagged). It is the one threshold calibration
   of the package: detection thresholds set from scores of known-clean samples or models use it;
-  :func:`share_above` is the rate a threshold realises on any scores.
+  :func:`share_above` is the rate a threshold realises on any scores, and
+  :func:`false_alarm_bound` the rate it promises on one more negative.
 - :func:`anomaly_indices` is the median-absolute-deviation score of Neural Cleanse (Wang et al.,
   IEEE S&P 2019): ``|value - median| / (1.4826 * MAD)``, used on trigger norms and on RNP's
   drift shares alike.
@@ -56,6 +57,21 @@ def threshold_at_fpr(negative_scores, fpr: float) -> float:
     if allowed >= len(negative_scores):
         return -math.inf
     return float(negative_scores.sort(descending=True).values[allowed])
+
+
+def false_alarm_bound(negatives: int, fpr: float) -> float:
+    """The chance that one more negative, exchangeable with the ``negatives`` known ones, scores
+    above :func:`threshold_at_fpr` of them: ``(floor(fpr * n) + 1) / (n + 1)``, at most 1.
+
+    The threshold is the ``floor(fpr * n) + 1``-th highest known score; a new negative lands
+    above it with that rank's chance among ``n + 1`` exchangeable scores (ties only lower it).
+    It exceeds ``fpr`` for few negatives: 19 are needed for 5% at ``fpr`` 0.
+    """
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
+        raise RnpError(f"false_alarm_bound needs at least one negative, got {negatives!r}")
+    _check_fpr(fpr)
+    allowed = math.floor(fpr * negatives + _FLOOR_SLACK)
+    return min(1.0, (allowed + 1) / (negatives + 1))
 
 
 def tpr_at_fpr(scores, positives, fpr: float = 0.05) -> float:
