@@ -108,7 +108,7 @@ def test_inspect_gives_a_verdict_from_repeated_unlearnings(capsys, run, tmp_path
     (["--runs", "0", "--clean-reports", "r.json"], "--runs 0 skips them"),
     (["--clean-reports", "missing.json"], "missing.json: file not found"),
     (["--clean-reports", "{report}"], "not a report of `rnp inspect` with repeated unlearnings"),
-    (["--clean-reports", "{report}", "--fpr", "2"], "not a report"),
+    (["--clean-reports", "{report}", "--fpr", "2"], "--fpr must be a rate in [0, 1]"),
 ])
 def test_inspect_bad_verdict_options_are_one_line(capsys, run, tmp_path, argv, message):
     report = tmp_path / "report.json"

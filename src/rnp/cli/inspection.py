@@ -228,6 +228,8 @@ def _map_threshold(args) -> float | Calibration:
         return args.map_threshold
     if not args.runs:
         raise RnpError("--clean-reports sets the threshold of the repeated unlearnings; --runs 0 skips them")
+    if not 0 <= args.fpr <= 1:
+        raise RnpError(f"--fpr must be a rate in [0, 1], got {args.fpr}")
     agreements = []
     for path in args.clean_reports:
         collapse = read_json(path).get("collapse")
@@ -236,8 +238,6 @@ def _map_threshold(args) -> float | Calibration:
             raise RnpError(f"{path}: not a report of `rnp inspect` with repeated unlearnings "
                            "(no collapse agreement in [0, 1])")
         agreements.append(float(agreement))
-    if not 0 <= args.fpr <= 1:
-        raise RnpError(f"--fpr must be a rate in [0, 1], got {args.fpr}")
     return calibrate(agreements, args.fpr)
 
 
@@ -306,8 +306,8 @@ def _collapse_words(found: dict, classes: list[str]) -> list[str]:
                 f"({moves}) rather than on one target ({comparison}).")
         advice = "Treat the model as backdoored: do not deploy it as it is; purify it (`rnp defend`)."
     else:
-        head = (f"- verdict: **no backdoor found**: unlearnings on different parts of your clean images break "
-                f"the model in different directions ({comparison}).")
+        head = (f"- verdict: **no backdoor found**: unlearnings on different parts of your clean images do not "
+                f"send them to the same classes ({comparison}).")
         advice = ("This is evidence, not proof: a backdoor this test misses leaves the same picture. "
                   "The single-unlearning scores below are weaker evidence (they fire on clean models).")
     if found["false_alarm_bound"] is None:
