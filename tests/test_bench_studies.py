@@ -135,6 +135,11 @@ def test_label_runs_of_clean_and_backdoored_subjects(studies):
         verdict = judge(collapse_map([run["confusion"] for run in runs]))
         assert record["label_runs"]["verdict"] == verdict.to_dict()
         assert f"| {verdict.agreement:.2f} | {verdict.kind}" in text
+    clean_verdict = rows["clean"]["label_runs"]["verdict"]["kind"]
+    badnets_verdict = rows["badnets"]["label_runs"]["verdict"]
+    named = badnets_verdict["kind"] == "all-to-one" and badnets_verdict["target"] == 0
+    assert (f"Verdicts right, one per subject and clean set: {int(clean_verdict == 'clean')} of 1 on clean models, "
+            f"called clean; {int(named)} of 1 on all-to-one backdoors, named with the target.") in text
     assert "## Label over repeated unlearnings" in text and "| badnets seed 0 |" in text
 
 

@@ -270,6 +270,7 @@ def label_runs_table(records: list[dict]) -> str:
         return ""
     table = [["subject", "clean seed", "true target", "run classes", "most frequent (runs)",
               "its drift share", "top drift share per run", "steps", "map agreement", "verdict"]]
+    tally = {"clean": [0, 0], "all-to-one": [0, 0], "all-to-all": [0, 0]}  # right, judged
     for r in rows:
         found, runs = r["label_runs"], r["label_runs"]["runs"]
         classes = [run["candidate"] for run in runs]
@@ -279,6 +280,9 @@ def label_runs_table(records: list[dict]) -> str:
         steps = [run["steps"] for run in runs]
         truth = ("all-to-all" if found["mode"] == "all2all" else str(found["true_target"])) \
             if found["backdoored"] else "clean"
+        kind = "clean" if not found["backdoored"] else "all-to-all" if found["mode"] == "all2all" else "all-to-one"
+        tally[kind][0] += verdict.kind == kind and verdict.target == found["true_target"]
+        tally[kind][1] += 1
         table.append([_subject(r), r["label"].get("clean_seed", "-"), truth, " ".join(map(str, classes)),
                       f"{mode} ({classes.count(mode)}/{len(classes)})",
                       _share_spread([run["drift_shares"][mode] for run in runs]),
@@ -291,7 +295,16 @@ def label_runs_table(records: list[dict]) -> str:
                       "runs, predicted as the class most runs send their label to; the verdict calls the model "
                       f"backdoored above {MAP_AGREEMENT_THRESHOLD} (rnp.detection.collapse, fixed on the "
                       "development subjects), computed here from the records' confusion matrices.", "",
-                      render_table(table, markdown=True)])
+                      render_table(table, markdown=True), "", _verdict_tally(tally)])
+
+
+def _verdict_tally(tally: dict[str, list[int]]) -> str:
+    """How many verdicts were right, per kind of model: clean ones called clean, all-to-one
+    backdoors named with their target, all-to-all ones called all-to-all."""
+    words = {"clean": "on clean models, called clean", "all-to-one": "on all-to-one backdoors, named with the target",
+             "all-to-all": "on all-to-all backdoors, called all-to-all"}
+    parts = [f"{right} of {judged} {words[kind]}" for kind, (right, judged) in tally.items() if judged]
+    return "Verdicts right, one per subject and clean set: " + "; ".join(parts) + "."
 
 
 def _verdict_words(verdict: BackdoorVerdict) -> str:
