@@ -55,7 +55,7 @@ def studies(tmp_path_factory, data) -> dict:
         "cost": study(root, data, "cost", defenses={"rnp": RNP_FAST}, repeats=2, curve_images=0),
         "exposure": study(root, data, "exposure", defenses={"none": {}},
                           attacks=[{"name": "none", "seeds": [0, 1]}, "badnets"],
-                          exposure={**EXPOSURE_FAST, "cleanse": True}),
+                          exposure={**EXPOSURE_FAST, "cleanse": True, "nc_scan": True}),
         "labels": study(root, data, "labels", defenses={"none": {}},
                         attacks=[{"name": "none", "seeds": [0]}, "badnets"],
                         label_runs={"runs": 3, "subset": 0.5, "amp": "off"}),
@@ -114,8 +114,14 @@ def test_exposure_of_clean_and_backdoored_subjects(studies):
     assert exposure["samples"]["scored"] == 60 and set(exposure["samples"]["detectors"]) == {
         "unlearned", "loss", "ac", "ss", "strip"}
     assert exposure["cleansing"]["poisoned"] == 9 and 0 <= exposure["cleansing"]["after"]["clean_accuracy"] <= 1
+    scan = exposure["nc_scan"]
+    assert len(scan["norms"]) == 3 and scan["candidate"] == min(range(3), key=scan["norms"].__getitem__)
+    assert set(scan["flagged"]) <= {0, 1, 2} and 0 <= scan["success"] <= 1 and scan["seconds"] > 0
+    assert scan["iou"] is not None  # BadNets' patch
+    assert "nc_scan" not in clean["exposure"]
     for heading in ("## What the unlearned model exposes", "| clean seed 1 |", "Backdoored-model detection",
-                    "Neural Cleanse's search", "Poisoned-sample detection", "Cleansing:"):
+                    "Neural Cleanse's search", "Poisoned-sample detection", "Cleansing:",
+                    "Trigger recovery guided by the exposure", "| badnets seed 0 | 0 |"):
         assert heading in text
     assert (out / "exposure_scores.png").stat().st_size > 1000
 
@@ -190,6 +196,7 @@ def test_a_defense_row_takes_its_own_clean_seeds(data):
     ({"exposure": {"samples": 0}, "retuning": None}, "exposure: samples takes integers >= 1"),
     ({"exposure": {"budget": 3}}, "exposure has no setting budget"),
     ({"exposure": {"cleanse": "no"}}, "exposure.cleanse takes true or false"),
+    ({"exposure": {"nc_scan": 1}}, "exposure.nc_scan takes true or false"),
     ({"attacks": ["none"]}, "the attack 'none' \\(a clean subject\\) has no backdoor to re-tune"),
     ({"attacks": [{"name": "none", "size": 3}], "exposure": True, "retuning": None}, "takes only 'seeds'"),
     ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poisoning rate"),

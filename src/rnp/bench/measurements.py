@@ -23,22 +23,26 @@ repeated unlearnings drift (``label_runs``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from rnp.attacks import PoisonedSet
 from rnp.data.images import ImageSet
+from rnp.defenses.neural_cleanse import NeuralCleanse
 from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, collapse_map, detect_backdoored_model,
-                           detect_target_label, expose, expose_runs, judge, recover_on_both, run_summaries,
-                           true_trigger_mask)
+                           detect_target_label, expose, expose_runs, flag_classes, judge, mask_iou, recover_on_both,
+                           run_summaries, trigger_success, true_trigger_mask)
 from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
+from rnp.detection.trigger_recovery import is_patch_trigger
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr, tpr_at_fpr
 from rnp.models import build_model
 from rnp.runs.folder import config_from_dict
 from rnp.training import TrainConfig, train
+from rnp.utils import model_device
 
 
 @dataclass
@@ -50,10 +54,12 @@ class ExposureConfig:
     trigger_steps: int = 120  # Neural Cleanse's search steps (release: 1000)
     trigger_samples_per_step: int = 64  # images per search step (release: 1000)
     cleanse: bool = False  # drop the flagged training samples and retrain the subject
+    nc_scan: bool = field(default=False, metadata={"omit": False})  # also Neural Cleanse's scan of every class
 
     def __post_init__(self):
-        if not isinstance(self.cleanse, bool):
-            raise RnpError(f"cleanse takes true or false (unquoted), got {self.cleanse!r}")
+        for name in ("cleanse", "nc_scan"):
+            if not isinstance(getattr(self, name), bool):
+                raise RnpError(f"{name} takes true or false (unquoted), got {getattr(self, name)!r}")
         for name in ("samples", "strip_overlays", "trigger_steps", "trigger_samples_per_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,11 +121,32 @@ def measure_exposure(run, model, clean: ImageSet, poisoned: PoisonedSet | None, 
     test = run.data.test.subset(torch.arange(0, len(run.data.test), 10))
     budget = TriggerReverseConfig(steps=config.trigger_steps, samples_per_step=config.trigger_samples_per_step)
     comparison = recover_on_both(exposure, label.candidate, budget, seed=seed)
-    result["trigger"] = comparison.evaluate(test, true_trigger_mask(attack, test)).to_dict()
+    true_mask = true_trigger_mask(attack, test)
+    result["trigger"] = comparison.evaluate(test, true_mask).to_dict()
+    if config.nc_scan:
+        result["nc_scan"] = _nc_scan(model, exposure.clean, budget, test, true_mask, seed)
     result["samples"] = _detect_samples(model, exposure, clean, poisoned, config, seed)
     if config.cleanse:
         result["cleansing"] = _cleanse(run, model, exposure, clean, poisoned)
     return result
+
+
+def _nc_scan(model, clean: ImageSet, budget: TriggerReverseConfig, test: ImageSet, true_mask: torch.Tensor,
+             seed: int) -> dict:
+    """Neural Cleanse as published: the search of every class on the original model, at the
+    exposure search's budget and precision (float32), the classes its MAD rule flags, and the
+    trigger of its most suspicious class (the smallest) scored like the exposure's."""
+    scanner = NeuralCleanse(**dataclasses.asdict(budget), seed=seed, amp="off")
+    start = time.perf_counter()
+    triggers = scanner.reverse(model, clean, model_device(model))
+    seconds = time.perf_counter() - start
+    norms = [trigger.norm for trigger in triggers]
+    candidate = min(range(len(norms)), key=norms.__getitem__)
+    trigger, patch = triggers[candidate], is_patch_trigger(true_mask)
+    return {"candidate": candidate, "flagged": flag_classes(norms, scanner.config.anomaly_threshold),
+            "norms": norms, "seconds": seconds, "norm": trigger.norm,
+            "iou": mask_iou(trigger.mask, true_mask) if patch else None,
+            "success": trigger_success(model, test, trigger.mask, trigger.pattern, candidate)}
 
 
 def _cleanse(run, model, exposure, clean: ImageSet, poisoned: PoisonedSet) -> dict:

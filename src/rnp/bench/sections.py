@@ -167,6 +167,9 @@ def exposure_tables(records: list[dict]) -> str:
     sections = ["## What the unlearned model exposes", _label_table(rows), _model_score_table(rows)]
     if attacked:
         sections += [_trigger_table(attacked), _samples_table(attacked)]
+    scanned = [r for r in attacked if "nc_scan" in r["exposure"]]
+    if scanned:
+        sections.append(_nc_scan_table(scanned))
     cleansed = [r for r in attacked if "cleansing" in r["exposure"]]
     if cleansed:
         sections.append(_cleansing_table(cleansed))
@@ -227,6 +230,31 @@ def _trigger_table(rows: list[dict]) -> str:
                       pair(u["mass_on_trigger"], o["mass_on_trigger"]),
                       pair(100 * u["success"], 100 * o["success"], 1), pair(u["seconds"], o["seconds"], 0)])
     return ("Neural Cleanse's search for the named class, on the unlearned / the original model:\n\n"
+            + render_table(table, markdown=True))
+
+
+def _nc_scan_table(rows: list[dict]) -> str:
+    """The exposure's one search on the original model against Neural Cleanse's scan of every
+    class at the same budget: the class each picks, its trigger's success and IoU, seconds."""
+    table = [["subject", "true target", "exposure: class / success % / IoU / s",
+              "NC: flagged / class / success % / IoU / s", "NC time / exposure time"]]
+
+    def iou(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    for r in rows:
+        e = r["exposure"]
+        t, scan = e["trigger"], e["nc_scan"]
+        o = t["models"]["original"]
+        searched = o["seconds"] + e["seconds"]  # the exposure's search plus the unlearning that picked its class
+        flagged = ",".join(map(str, scan["flagged"])) or "none"
+        table.append([_subject(r), "-" if e["true_target"] is None else e["true_target"],
+                      f"{t['target']} / {100 * o['success']:.1f} / {iou(o['iou'])} / {searched:.0f}",
+                      f"{flagged} / {scan['candidate']} / {100 * scan['success']:.1f} / {iou(scan['iou'])} / "
+                      f"{scan['seconds']:.0f}", f"{scan['seconds'] / searched:.1f}"])
+    return ("Trigger recovery guided by the exposure (one search, for the class the unlearning named, on the "
+            "original model; its seconds include the unlearning) against Neural Cleanse's scan of every class "
+            "(same budget, float32; flagged: anomaly index above 2; class: the smallest trigger):\n\n"
             + render_table(table, markdown=True))
 
 
