@@ -114,13 +114,16 @@ def test_exposure_of_clean_and_backdoored_subjects(studies):
     assert exposure["samples"]["scored"] == 60 and set(exposure["samples"]["detectors"]) == {
         "unlearned", "loss", "ac", "ss", "strip"}
     assert exposure["cleansing"]["poisoned"] == 9 and 0 <= exposure["cleansing"]["after"]["clean_accuracy"] <= 1
+    combined = exposure["samples"]["scan"]
+    assert combined["detectors"] == ["unlearned", "strip", "ss", "ac"] and 0 <= combined["auroc"] <= 1
+    assert combined["flagged"] == combined["flagged_poisoned"] + round(combined["fpr_scanned_clean"] * 51)
     scan = exposure["nc_scan"]
     assert len(scan["norms"]) == 3 and scan["candidate"] == min(range(3), key=scan["norms"].__getitem__)
     assert set(scan["flagged"]) <= {0, 1, 2} and 0 <= scan["success"] <= 1 and scan["seconds"] > 0
     assert scan["iou"] is not None  # BadNets' patch
     assert "nc_scan" not in clean["exposure"]
     for heading in ("## What the unlearned model exposes", "| clean seed 1 |", "Backdoored-model detection",
-                    "Neural Cleanse's search", "Poisoned-sample detection", "Cleansing:",
+                    "Neural Cleanse's search", "Poisoned-sample detection", "Combined scan (", "Cleansing:",
                     "Trigger recovery guided by the exposure", "| badnets seed 0 | 0 |"):
         assert heading in text
     assert (out / "exposure_scores.png").stat().st_size > 1000

@@ -14,7 +14,7 @@ from PIL import Image
 
 from rnp.cli import inspection
 from rnp.cli.main import main
-from rnp.detection.poisoned_samples import LossScore
+from rnp.detection import sample_scan
 from rnp.io.checkpoint import load_checkpoint
 from helpers import write_dataset
 from test_cli import TINY, _environment, run_cli  # noqa: F401 (autouse fixture)
@@ -126,14 +126,18 @@ def test_scan_data_scores_every_sample_with_known_poison(capsys, run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["scored"] == 60 and report["poisoned"] == 12
     assert set(report["detectors"]) == {"unlearned", "loss", "strip", "ss"}
-    assert "flagged" in report["detectors"]["loss"] and "flagged" not in report["detectors"]["ss"]
-    assert all(0 <= entry["auroc"] <= 1 for entry in report["detectors"].values())
+    entries = [*report["detectors"].values(), report["combined"]]
+    assert all(0 <= entry["auroc"] <= 1 and entry["target_fpr"] == 0.05 for entry in entries)
+    assert sum(report["combined"]["flagged_per_class"]) == report["combined"]["flagged"]
     with (out / "scores.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     poisoned = {int(line) for line in (run / "poisoned_indices.txt").read_text().split()}
     assert len(rows) == 60 and {int(r["index"]) for r in rows if r["poisoned"] == "1"} == poisoned
-    for detector in ("unlearned", "loss", "strip", "ss"):
+    assert sum(int(r["flagged"]) for r in rows) == report["combined"]["flagged"]
+    assert all((float(r["combined"]) > report["combined"]["threshold"]) == (r["flagged"] == "1") for r in rows)
+    for detector in ("unlearned", "loss", "strip", "ss", "combined"):
         assert {(out / f"scores_{detector}.{suffix}").exists() for suffix in ("png", "svg", "csv")} == {True}
+    assert "verdict" in stdout
 
 
 def test_without_matplotlib_inspect_writes_the_figure_data_and_says_so_in_one_line(capsys, run, tmp_path,
@@ -149,37 +153,41 @@ def test_without_matplotlib_inspect_writes_the_figure_data_and_says_so_in_one_li
 
 
 def test_scan_data_calibrates_on_clean_images_the_unlearning_never_saw(capsys, run, tmp_path, monkeypatch):
-    unlearned_on, loss_scored = [], []
-    real_expose, real_score = inspection.expose, LossScore.score
+    unlearned_on, real_expose = [], sample_scan.expose
 
     def spy_expose(model, clean, *args, **kwargs):
         unlearned_on.append(clean.images)
         return real_expose(model, clean, *args, **kwargs)
 
-    def spy_score(self, model, data, *args, **kwargs):
-        loss_scored.append(data.images)
-        return real_score(self, model, data, *args, **kwargs)
-
-    monkeypatch.setattr(inspection, "expose", spy_expose)
-    monkeypatch.setattr(LossScore, "score", spy_score)
+    monkeypatch.setattr(sample_scan, "expose", spy_expose)
     out = tmp_path / "scan"
     code, stdout, _ = run_cli(capsys, "scan-data", "--run", run, "--out", out, *FAST,
-                              "--detectors", "unlearned", "loss")
+                              "--detectors", "unlearned", "loss", "--fpr", "0.1")
     report = json.loads((out / "report.json").read_text())
-    assert code == 0 and report["clean_set"] == {"size": 20, "seed": 0, "unlearning": 16, "calibration": 4}
-    (unlearned,), (_, held_out) = unlearned_on, loss_scored
-    assert len(unlearned) == 16 and len(held_out) == 4
-    assert not (held_out[:, None] == unlearned[None]).flatten(2).all(2).any()  # disjoint images
+    assert code == 0 and report["clean_set"] == {"size": 20, "seed": 0} and report["folds"] == 2
+    first, second = unlearned_on  # one unlearning per fold, on the other fold's 10 images
+    assert len(first) == len(second) == 10
+    assert not (first[:, None] == second[None]).flatten(2).all(2).any()  # disjoint images
     with (out / "scores.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    for name in ("unlearned", "loss"):
-        entry = report["detectors"][name]
+    for name in ("unlearned", "loss", "combined"):
+        entry = report["detectors"].get(name, report["combined"])
         # the csv holds each float32 score in 9 digits: read back as float32, it is exact
         clean_scores = [float(np.float32(r[name])) for r in rows if r["poisoned"] == "0"]
         flagged_clean = sum(s > entry["threshold"] for s in clean_scores)
         assert entry["fpr_scanned_clean"] == pytest.approx(flagged_clean / len(clean_scores), abs=1e-4)
-        assert entry["fpr_held_out"] == 0.0 and entry["target_fpr"] == 0.05  # 5% of 4 images: none above
-    assert "FPR held-out" in stdout and "4 held-out clean images" in (out / "summary.md").read_text()
+        assert entry["fpr_references"] <= 0.1 and entry["target_fpr"] == 0.1
+    assert "FPR references" in stdout and "your 20 clean images" in (out / "summary.md").read_text()
+
+
+def test_scan_verdict_counts_flags_beyond_what_the_rate_explains():
+    assert inspection.excess_allowance(1000, 500, 0.05) == 86  # ceil(50 + 3 * sqrt(47.5 + 95))
+    report = {"scored": 1000, "clean_set": {"size": 500},
+              "combined": {"target_fpr": 0.05, "flagged": 86, "flagged_per_class": [80, 6]}}
+    assert "no sign of poisoning" in inspection._scan_verdict(report, ["a", "b"])[0]
+    report["combined"]["flagged"] = 87
+    words = inspection._scan_verdict(report, ["a", "b"])
+    assert "poisoned samples likely" in words[0] and "a 80, b 6" in words[1]
 
 
 def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path):
@@ -196,7 +204,9 @@ def test_scan_data_of_an_outside_model_and_a_subset(capsys, run, data, tmp_path)
 @pytest.mark.parametrize("argv, message", [
     (["--detectors", "nope"], "invalid choice"),
     (["--data", "x"], "--model FILE"),
-    (["--clean-size", "1"], "--clean-size 2 or more"),
+    (["--clean-size", "3"], "--clean-size 4 or more"),
+    (["--fpr", "0"], "false_positive_rate"),
+    (["--folds", "1"], "folds takes"),
 ])
 def test_scan_data_bad_input_is_one_line(capsys, run, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "scan-data", "--run", run, "--out", tmp_path / "o", *argv)

@@ -36,6 +36,7 @@ from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, collap
                            detect_target_label, expose, expose_runs, flag_classes, judge, mask_iou, recover_on_both,
                            run_summaries, trigger_success, true_trigger_mask)
 from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
+from rnp.detection.sample_scan import SampleScanConfig, scan_samples
 from rnp.detection.trigger_recovery import is_patch_trigger
 from rnp.errors import RnpError
 from rnp.metrics import auroc, evaluate_backdoor, positives_mask, threshold_at_fpr, tpr_at_fpr
@@ -193,4 +194,21 @@ def _detect_samples(model, exposure, clean: ImageSet, poisoned: PoisonedSet, con
         result["detectors"][name] = {"auroc": auroc(scores, positives),
                                      "tpr_at_5_fpr": tpr_at_fpr(scores, positives, 0.05),
                                      "seconds": time.perf_counter() - start}
+    result["scan"] = _scan(model, data, clean, positives, config, seed)
     return result
+
+
+def _scan(model, data: ImageSet, clean: ImageSet, positives: torch.Tensor, config: ExposureConfig,
+          seed: int) -> dict:
+    """The combined, calibrated flag of :func:`scan_samples`: its AUROC, the samples it flags,
+    and the false-positive rate it realises on the scanned samples known to be clean."""
+    settings = SampleScanConfig(strip=StripConfig(overlays=config.strip_overlays), seed=seed)
+    scan = scan_samples(model, data, clean, settings)
+    return {"detectors": list(settings.detectors), "folds": settings.folds, "references": scan.references,
+            "auroc": auroc(scan.combined, positives), "tpr_at_5_fpr": tpr_at_fpr(scan.combined, positives, 0.05),
+            "target_fpr": settings.false_positive_rate, "threshold": scan.threshold,
+            "flagged": int(scan.flagged.sum()), "flagged_poisoned": int((scan.flagged & positives).sum()),
+            "fpr_scanned_clean": float(scan.flagged[~positives].double().mean()),
+            "tpr": float(scan.flagged[positives].double().mean()),
+            "detector_auroc": {name: auroc(scores, positives) for name, scores in scan.scores.items()},
+            "seconds": sum(scan.seconds.values())}

@@ -273,7 +273,26 @@ def _samples_table(rows: list[dict]) -> str:
     for title, values, digits in (("mean AUROC", aurocs, 3), ("mean seconds", seconds, 0)):
         table.append([title, "", *(f"{statistics.mean(values[n]):.{digits}f}" if values[n] else "-"
                                    for n in SAMPLE_DETECTORS)])
-    return "Poisoned-sample detection (AUROC / TPR at 5% FPR):\n\n" + render_table(table, markdown=True)
+    text = "Poisoned-sample detection (AUROC / TPR at 5% FPR):\n\n" + render_table(table, markdown=True)
+    scanned = [r for r in rows if "scan" in r["exposure"]["samples"]]
+    return text + ("\n\n" + _scan_table(scanned) if scanned else "")
+
+
+def _scan_table(rows: list[dict]) -> str:
+    """The combined scan: AUROC, the flag's catch and the false-positive rate it realises."""
+    table = [["subject", "AUROC", "flagged", "poisoned caught", "FPR on scanned clean (target)", "seconds"]]
+    for r in rows:
+        s = r["exposure"]["samples"]["scan"]
+        table.append([_subject(r), f"{s['auroc']:.3f}", s["flagged"], f"{100 * s['tpr']:.1f}%",
+                      f"{100 * s['fpr_scanned_clean']:.1f}% ({100 * s['target_fpr']:g}%)", f"{s['seconds']:.0f}"])
+    scans = [r["exposure"]["samples"]["scan"] for r in rows]
+    table.append(["mean", f"{statistics.mean(s['auroc'] for s in scans):.3f}", "", "",
+                  f"{100 * statistics.mean(s['fpr_scanned_clean'] for s in scans):.1f}%",
+                  f"{statistics.mean(s['seconds'] for s in scans):.0f}"])
+    first = scans[0]
+    return (f"Combined scan ({', '.join(first['detectors'])}; conformal p-values against the "
+            f"{first['references']} clean images, cross-fitted in {first['folds']} folds; flag threshold set "
+            "on the clean images alone):\n\n" + render_table(table, markdown=True))
 
 
 def _cleansing_table(rows: list[dict]) -> str:

@@ -5,6 +5,7 @@ and SVG, with their data as CSV) and the recovered triggers' picture."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from rnp.defenses import RNPConfig
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.collapse import Calibration, calibrate, detect_backdoor
 from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
-from rnp.detection.poisoned_samples import SAMPLE_DETECTORS, Strip, StripConfig
+from rnp.detection.poisoned_samples import StripConfig
+from rnp.detection.sample_scan import SCAN_DETECTORS, SampleScanConfig, scan_samples
 from rnp.detection.trigger_recovery import recover_on_both, trigger_tiles, true_trigger_mask
 from rnp.errors import RnpError
 from rnp.io.checkpoint import save_checkpoint
@@ -28,31 +30,16 @@ from rnp.io import plots
 from rnp.io.figures import image_grid, save_png, side_by_side
 from rnp.io.files import read_json, write_json, write_text
 from rnp.io.tables import render_table, write_csv
-from rnp.metrics.detection import auroc, positives_mask, share_above, threshold_at_fpr, tpr_at_fpr
+from rnp.metrics.detection import auroc, positives_mask, share_above, threshold_at_fpr
 from rnp.runs.folder import load_run
 from rnp.runs.outputs import prepare_output_dir, remove_previous_outputs
-from rnp.utils import fits_seed, generator_for, resolve_device
+from rnp.utils import fits_seed, resolve_device
 
 UNLEARN_FIELDS = ("batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlearn_weight_decay",
                   "unlearn_milestones", "unlearn_gamma", "unlearn_epochs", "clean_threshold",
                   "stop_check", "seed")
 """The RNP settings that shape the exposure (the unlearning stage); ``rnp inspect`` and
 ``rnp scan-data`` take these as options."""
-
-FLAG_FALSE_POSITIVE_RATE = 0.05
-"""Threshold of the flagged samples: at most this share of the held-out clean images
-(:data:`CALIBRATION_SHARE`) score above it."""
-
-CALIBRATION_SHARE = 0.2
-"""Share of the defender's clean images ``scan-data`` holds out to set the flagging threshold on
-(at least one image, and at least one left): the unlearning and every detector's clean
-reference see only the rest. Scores of the very images the unlearning pushed down would set the
-threshold where fresh clean images cross it far more often than the rate promises."""
-
-CALIBRATED_DETECTORS = ("unlearned", "loss", "strip")
-"""Detectors whose score on clean images is a fair reference for a threshold (STRIP's own
-rule); AC and SS score a sample against the rest of its class, which a clean set alone is not."""
-
 
 def inspect(args) -> int:
     out = _output_dir(args)
@@ -101,9 +88,15 @@ def scan_data(args) -> int:
         raise RnpError(f"--samples must be at least 1, got {args.samples}")
     if not fits_seed(args.sample_seed):
         raise RnpError(f"--sample-seed must be a 64-bit integer, got {args.sample_seed}")
-    strip_config = StripConfig(overlays=args.strip_overlays)  # checked even when STRIP is not run
+    unlearning = _unlearning_config(args)
+    settings = SampleScanConfig(detectors=tuple(args.detectors or SCAN_DETECTORS), folds=args.folds,
+                                false_positive_rate=args.fpr, strip=StripConfig(overlays=args.strip_overlays),
+                                seed=unlearning.seed)
     out = _output_dir(args)
-    subject, calibration = _split_clean(_subject(args), args.clean_seed)
+    subject = _subject(args)
+    if len(subject.clean) < 2 * settings.folds:
+        raise RnpError(f"scan-data scores your clean images in {settings.folds} folds of 2 or more: "
+                       f"give --clean-size {2 * settings.folds} or more")
     data, known = _scanned_data(args, subject)
     chosen = torch.arange(len(data))
     if args.samples and args.samples < len(data):
@@ -111,44 +104,113 @@ def scan_data(args) -> int:
         chosen = chosen.sort().values
         data = data.subset(chosen)
         known = None if known is None else known[chosen]
-    names = args.detectors or list(SAMPLE_DETECTORS)
-    unknown = sorted(set(names) - set(SAMPLE_DETECTORS))
-    if unknown:
-        raise RnpError(f"unknown detector {unknown[0]!r}; choose from {', '.join(SAMPLE_DETECTORS)}")
-    exposure = _expose(args, subject) if "unlearned" in names else None
-    report = {"scored": len(data), "poisoned_known": known is not None, "detectors": {},
-              "clean_set": subject.clean_record}
+    scan = scan_samples(subject.model, data, subject.clean, settings, unlearning=unlearning,
+                        device=subject.device)
+    report = {"scored": len(data), "poisoned_known": known is not None, "clean_set": subject.clean_record,
+              "folds": settings.folds, "detectors": {}}
     columns = {"index": chosen.tolist(), "label": data.labels.tolist()}
     if known is not None:
         columns["poisoned"] = known.int().tolist()
         report["poisoned"] = int(known.sum())
-    panels = []
-    for name in names:
-        detector = Strip(strip_config) if name == "strip" else SAMPLE_DETECTORS[name]()
-        extra = {"exposure": exposure} if name == "unlearned" else {}
-        start = time.perf_counter()
-        scores = detector.score(subject.model, data, subject.clean, device=subject.device, **extra)
-        entry = {"seconds": time.perf_counter() - start}
-        if name in CALIBRATED_DETECTORS:
-            held_out = detector.score(subject.model, calibration, subject.clean, device=subject.device, **extra)
-            entry.update(_flags(scores, held_out, known))
-        if known is not None and 0 < int(known.sum()) < len(known):
-            entry.update(auroc=auroc(scores, known), tpr_at_5_fpr=tpr_at_fpr(scores, known, 0.05))
-            groups = {"clean": scores[~known], "poisoned": scores[known]}
-        else:
-            groups = {"all samples": scores}
-        panels.append(plots.Figure([plots.Histograms(groups, title=name, xlabel="score (higher = more suspicious)")]))
-        report["detectors"][name] = entry
+    rate, panels = settings.false_positive_rate, {}
+    for name in settings.detectors:
+        scores, references = scan.scores[name], scan.reference_scores[name]
+        flags = _flags(scores, threshold_at_fpr(references, rate), rate, references, known)
+        report["detectors"][name] = {"seconds": scan.seconds[name], **flags}
+        panels[f"scores_{name}"] = _histograms(name, scores, known)
         columns[name] = [f"{float(s):.9g}" for s in scores]  # 9 digits: float32 exactly
+    per_class = torch.bincount(data.labels[scan.flagged], minlength=len(subject.classes))
+    report["combined"] = {"seconds": sum(scan.seconds.values()),
+                          **_flags(scan.combined, scan.threshold, rate, scan.combined_reference, known),
+                          "flagged_per_class": per_class.tolist()}
+    panels["scores_combined"] = _histograms("combined (Fisher, decades)", scan.combined, known)
+    columns["combined"] = [f"{float(s):.9g}" for s in scan.combined]
+    columns["flagged"] = scan.flagged.int().tolist()
     if args.force:
         remove_previous_outputs(out)
     write_csv(out / "scores.csv", list(columns), zip(*columns.values()))
-    _write_figures({f"scores_{name}": panel for name, panel in zip(names, panels)}, out)
+    _write_figures(panels, out)
     write_json(out / "report.json", report)
-    write_text(out / "summary.md", _scan_summary(report))
-    print(_scan_summary(report))
+    summary = _scan_summary(report, subject.classes)
+    write_text(out / "summary.md", summary)
+    print(summary)
     print(f"outputs: {out}")
     return 0
+
+
+def _histograms(title: str, scores: torch.Tensor, known: torch.Tensor | None) -> plots.Figure:
+    groups = ({"clean": scores[~known], "poisoned": scores[known]} if known is not None and known.any()
+              and not known.all() else {"all samples": scores})
+    return plots.Figure([plots.Histograms(groups, title=title, xlabel="score (higher = more suspicious)")])
+
+
+def _flags(scores: torch.Tensor, threshold: float, rate: float, references: torch.Tensor,
+           known: torch.Tensor | None) -> dict:
+    """The samples a threshold set at ``rate`` flags and the false-positive rates it realises:
+    on the clean references it was set on (at most the rate; less when they are few or tied) and on the
+    scanned samples known to be clean (None when no poisoned indices are known); with known
+    poison, the AUROC and the share of it flagged."""
+    flagged = scores.double() > threshold  # compared as the threshold was set: exactly
+    entry = {"threshold": threshold, "flagged": int(flagged.sum()), "target_fpr": rate,
+             "fpr_references": share_above(references, threshold), "fpr_scanned_clean": None}
+    if known is not None and not bool(known.all()):
+        entry["fpr_scanned_clean"] = share_above(scores[~known], threshold)
+    if known is not None and 0 < int(known.sum()) < len(known):
+        entry.update(auroc=auroc(scores, known), tpr=share_above(scores[known], threshold))
+    return entry
+
+
+def _scan_summary(report: dict, classes: list[str]) -> str:
+    rows = [["detector", "AUROC", "flagged", "poisoned flagged", "FPR references", "FPR scanned clean", "seconds"]]
+    for name, entry in [*report["detectors"].items(), ("combined", report["combined"])]:
+        rows.append([name, f"{entry['auroc']:.3f}" if "auroc" in entry else "-", str(entry["flagged"]),
+                     _share(entry.get("tpr")), _share(entry["fpr_references"]), _share(entry["fpr_scanned_clean"]),
+                     f"{entry['seconds']:.1f}"])
+    known = (f", {report['poisoned']} known poisoned" if report["poisoned_known"] else
+             "; no poisoned indices known, so no AUROC")
+    clean, rate = report["clean_set"], report["combined"]["target_fpr"]
+    method = (f"Each detector also scored your {clean['size']} clean images as if they were training samples "
+              f"(the unlearning and STRIP's overlays cross-fitted in {report['folds']} folds, so none is scored "
+              f"by a model that learned from it). Each threshold flags {100 * rate:g}% of those clean scores; "
+              "`combined` joins the detectors' p-values against them (Fisher) and `flagged` in scores.csv is its "
+              "flag.")
+    return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{render_table(rows, markdown=True)}\n\n"
+            + "\n".join(_scan_verdict(report, classes)) + f"\n\n{method}\n")
+
+
+def _scan_verdict(report: dict, classes: list[str]) -> list[str]:
+    """What the combined flag says about the scanned data, in words: whether it flags more
+    samples than its false-positive rate explains, and where they sit."""
+    combined, scored, clean = report["combined"], report["scored"], report["clean_set"]["size"]
+    rate, flagged = combined["target_fpr"], combined["flagged"]
+    allowance = excess_allowance(scored, clean, rate)
+    share = f"{flagged} of {scored} samples ({100 * flagged / scored:.1f}%)"
+    if flagged <= allowance:
+        return [f"- verdict: **no sign of poisoning**: {share} flagged, no more than a {100 * rate:g}% false-positive "
+                f"rate explains (up to {allowance} with the sampling error of {clean} clean images).",
+                "- This is evidence, not proof: poison that every detector scores like clean images goes unflagged."]
+    per_class = combined["flagged_per_class"]
+    ranked = sorted(range(len(per_class)), key=per_class.__getitem__, reverse=True)
+    where = ", ".join(f"{classes[c]} {per_class[c]}" for c in ranked[:3])
+    return [f"- verdict: **poisoned samples likely**: {share} flagged, beyond the {allowance} a {100 * rate:g}% "
+            f"false-positive rate explains; about {flagged - round(rate * scored)} more than expected.",
+            f"- Flagged samples by label (most first): {where}. One label far ahead is the usual picture of an "
+            "all-to-one backdoor's target.",
+            f"- Drop the flagged samples (`flagged` = 1 in scores.csv) before training again; about {100 * rate:g}% "
+            "of the clean samples go with them."]
+
+
+def excess_allowance(scored: int, references: int, rate: float) -> int:
+    """How many of ``scored`` clean samples a threshold set at ``rate`` on ``references`` clean
+    images may flag before the count says more than chance: the expected count plus three
+    standard deviations of flagging ``scored`` samples (binomial) and of the threshold's own
+    error from ``references`` images (the realised rate's spread, ``sqrt(rate (1 - rate) / n)``)."""
+    spread = math.sqrt(scored * rate * (1 - rate) + scored ** 2 * rate * (1 - rate) / references)
+    return math.ceil(rate * scored + 3 * spread)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _write_figures(figures: dict[str, plots.Figure], out: Path) -> None:
@@ -318,55 +380,6 @@ def _collapse_words(found: dict, classes: list[str]) -> list[str]:
         rate = (f"The threshold was set from models you know to be clean: a clean model like them is called "
                 f"backdoored with chance at most {100 * found['false_alarm_bound']:.1f}%.")
     return [head, f"- {advice}", f"- {rate}"]
-
-
-def _split_clean(subject: _Subject, seed: int) -> tuple[_Subject, ImageSet]:
-    """The subject with the unlearning part of its clean set, and the held-out part the flagging
-    thresholds are calibrated on (:data:`CALIBRATION_SHARE`, a seeded draw)."""
-    clean = subject.clean
-    if len(clean) < 2:
-        raise RnpError("scan-data holds some clean images out of the unlearning to calibrate its "
-                       "threshold on; give --clean-size 2 or more")
-    held = min(len(clean) - 1, max(1, round(CALIBRATION_SHARE * len(clean))))
-    order = torch.randperm(len(clean), generator=generator_for(seed, "calibration"))
-    record = {**subject.clean_record, "unlearning": len(clean) - held, "calibration": held}
-    return (dataclasses.replace(subject, clean=clean.subset(order[held:].sort().values), clean_record=record),
-            clean.subset(order[:held].sort().values))
-
-
-def _flags(scores: torch.Tensor, held_out: torch.Tensor, known: torch.Tensor | None) -> dict:
-    """The threshold at which at most :data:`FLAG_FALSE_POSITIVE_RATE` of the held-out clean
-    images' scores lie above, the scanned samples it flags, and the false-positive rate it
-    realises, measured: on the held-out images (at most the rate; less when they are few or tied)
-    and on the scanned samples known to be clean (None when no poisoned indices are known)."""
-    threshold = threshold_at_fpr(held_out, FLAG_FALSE_POSITIVE_RATE)
-    flagged = scores.double() > threshold  # compared as the threshold was set: exactly
-    clean = None if known is None or bool(known.all()) else scores[~known]
-    return {"threshold": threshold, "flagged": int(flagged.sum()), "target_fpr": FLAG_FALSE_POSITIVE_RATE,
-            "fpr_held_out": share_above(held_out, threshold),
-            "fpr_scanned_clean": None if clean is None else share_above(clean, threshold)}
-
-
-def _scan_summary(report: dict) -> str:
-    rows = [["detector", "AUROC", "TPR @ 5% FPR", "flagged", "FPR held-out", "FPR scanned clean", "seconds"]]
-    for name, entry in report["detectors"].items():
-        rows.append([name, f"{entry['auroc']:.3f}" if "auroc" in entry else "-",
-                     f"{entry['tpr_at_5_fpr']:.3f}" if "tpr_at_5_fpr" in entry else "-",
-                     str(entry.get("flagged", "-")), _share(entry.get("fpr_held_out")),
-                     _share(entry.get("fpr_scanned_clean")), f"{entry['seconds']:.1f}"])
-    known = (f", {report['poisoned']} known poisoned" if report["poisoned_known"] else
-             "; no poisoned indices known, so no AUROC")
-    clean = report["clean_set"]
-    calibration = (f"Flagged: above a threshold set on {clean['calibration']} held-out clean images (the "
-                   f"unlearning used the other {clean['unlearning']}), at most "
-                   f"{100 * FLAG_FALSE_POSITIVE_RATE:g}% of them above it; the false-positive rates it "
-                   "realises are measured on those images and on the scanned samples known clean.")
-    return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{render_table(rows, markdown=True)}\n\n"
-            f"{calibration}\n")
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _scanned_data(args, subject: _Subject) -> tuple[ImageSet, torch.Tensor | None]:

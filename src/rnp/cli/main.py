@@ -23,6 +23,7 @@ from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, RUNS as COLLAPSE_RUNS, SUBSET as COLLAPSE_SUBSET
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
+from rnp.detection.sample_scan import SCAN_DETECTORS
 from rnp.errors import RnpError
 from rnp.models import MODEL_NAMES
 from rnp.training import TrainConfig
@@ -155,7 +156,11 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     scan.add_argument("--poisoned-indices", help="with --data: file of known poisoned training "
                                                  "indices (one per line), for AUROC")
     scan.add_argument("--detectors", nargs="+", choices=sorted(SAMPLE_DETECTORS),
-                      help="default: all (unlearned, loss, ac, ss, strip)")
+                      help=f"detectors to run and combine (default: {' '.join(SCAN_DETECTORS)})")
+    scan.add_argument("--fpr", type=finite_float, default=0.05,
+                      help="share of your clean images each flag threshold flags (default 0.05)")
+    scan.add_argument("--folds", type=int, default=2,
+                      help="folds of the clean images, cross-fitting the unlearning and STRIP (default 2)")
     scan.add_argument("--samples", type=int, help="score a seeded random subset of this many samples")
     scan.add_argument("--sample-seed", type=int, default=0)
     scan.add_argument("--strip-overlays", type=int, default=100, help="STRIP's N (paper: 100)")

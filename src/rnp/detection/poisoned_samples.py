@@ -175,12 +175,37 @@ class SpectralSignatures:
                 scores[members] = spectral_scores(features[members])
         return scores.float()
 
+    def score_with_reference(self, model: nn.Module, data: ImageSet, clean: ImageSet | None,
+                             reference: ImageSet, *, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of ``data``, and those of the ``reference`` images measured against the
+        statistics of ``data`` (each label's mean and top singular vector), as one more sample
+        of that label would score. References of a label with fewer than 2 samples score 0."""
+        features = last_linear_features(model, data, batch_size=self.config.batch_size, device=device)
+        reference_features = last_linear_features(model, reference, batch_size=self.config.batch_size,
+                                                  device=device)
+        scores = torch.zeros(len(data), dtype=torch.float64)
+        reference_scores = torch.zeros(len(reference), dtype=torch.float64)
+        for label in data.labels.unique():
+            members = data.labels == label
+            if int(members.sum()) >= 2:
+                project = spectral_projection(features[members])
+                scores[members] = project(features[members])
+                others = reference.labels == label
+                reference_scores[others] = project(reference_features[others])
+        return scores.float(), reference_scores.float()
+
 
 def spectral_scores(representations: torch.Tensor) -> torch.Tensor:
     """Squared projections of the centred rows on their top right singular vector."""
-    centred = representations.double() - representations.double().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[0]) ** 2
+    return spectral_projection(representations)(representations)
+
+
+def spectral_projection(representations: torch.Tensor):
+    """A function giving rows' squared projections on the top right singular vector of
+    ``representations`` once centred (with their mean)."""
+    mean = representations.double().mean(0)
+    _, _, vh = torch.linalg.svd(representations.double() - mean, full_matrices=False)
+    return lambda rows: ((rows.double() - mean) @ vh[0]) ** 2
 
 
 # ------------------------------------------------------------------------ activation clustering
@@ -223,11 +248,13 @@ class ClusteringResult:
     """What Activation Clustering found: per-sample ``scores``, and per label (indexed by label)
     the fraction of its samples in the smaller cluster and whether the paper's relative-size
     criterion flags it (smaller cluster below ``size_threshold``). Labels that were not
-    clustered (fewer than 3 samples, or no spread) have fraction 0 and are not flagged."""
+    clustered (fewer than 3 samples, or no spread) have fraction 0 and are not flagged.
+    ``reference_scores``: those of the reference images asked for (empty when none were)."""
 
     scores: torch.Tensor
     smaller_fraction: torch.Tensor
     flagged: torch.Tensor
+    reference_scores: torch.Tensor
 
 
 class ActivationClustering:
@@ -266,9 +293,18 @@ class ActivationClustering:
               device="cpu") -> torch.Tensor:
         return self.analyze(model, data, clean, device=device).scores
 
+    def score_with_reference(self, model: nn.Module, data: ImageSet, clean: ImageSet | None,
+                             reference: ImageSet, *, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of ``data``, and those of the ``reference`` images placed in the clusters
+        found in ``data`` (each label's projection, centroids and poison side), as one more
+        sample of that label would score. References of a label not clustered score 0."""
+        result = self.analyze(model, data, clean, device=device, reference=reference)
+        return result.scores, result.reference_scores
+
     def analyze(self, model: nn.Module, data: ImageSet, clean: ImageSet | None = None, *,
-                device="cpu") -> ClusteringResult:
-        """Scores plus the paper's per-label relative-size flag."""
+                device="cpu", reference: ImageSet | None = None) -> ClusteringResult:
+        """Scores plus the paper's per-label relative-size flag (and the ``reference`` images'
+        scores, see :meth:`score_with_reference`)."""
         if self.config.orientation == "clean" and not isinstance(clean, ImageSet):
             raise RnpError("Activation Clustering with orientation 'clean' needs the defender's "
                            "clean images (or use orientation 'size')")
@@ -279,20 +315,29 @@ class ActivationClustering:
             clean_features = last_linear_features(model, clean, batch_size=self.config.batch_size,
                                                   device=device)
             clean_labels = clean.labels
+        extra = None
+        if reference is not None:
+            extra = last_linear_features(model, reference, batch_size=self.config.batch_size, device=device)
         scores = torch.zeros(len(data), dtype=torch.float64)
+        reference_scores = torch.zeros(0 if reference is None else len(reference), dtype=torch.float64)
         fraction = torch.zeros(data.num_classes, dtype=torch.float64)
         for label in data.labels.unique().tolist():
             members = (data.labels == label).nonzero().squeeze(1)
-            reference = None if clean_features is None else clean_features[clean_labels == label]
-            outcome = self._cluster_label(features[members], reference, label)
+            clean_rows = None if clean_features is None else clean_features[clean_labels == label]
+            outcome = self._cluster_label(features[members], clean_rows, label)
             if outcome is not None:
-                scores[members], fraction[label] = outcome
+                score_rows, fraction[label] = outcome
+                scores[members] = score_rows(features[members])
+                if extra is not None:
+                    others = reference.labels == label
+                    reference_scores[others] = score_rows(extra[others])
         flagged = (fraction > 0) & (fraction < self.config.size_threshold)
-        return ClusteringResult(scores.float(), fraction.float(), flagged)
+        return ClusteringResult(scores.float(), fraction.float(), flagged, reference_scores.float())
 
-    def _cluster_label(self, representations: torch.Tensor, reference: torch.Tensor | None,
-                       label: int) -> tuple[torch.Tensor, float] | None:
-        """Scores of one label's samples and the fraction in its smaller cluster."""
+    def _cluster_label(self, representations: torch.Tensor, clean_rows: torch.Tensor | None,
+                       label: int):
+        """A function scoring rows against one label's two clusters, and the fraction of the
+        label's samples in its smaller cluster."""
         projection = principal_projection(representations, self.config.components,
                                           self.config.whiten)
         if projection is None:
@@ -303,11 +348,15 @@ class ActivationClustering:
                                        self.config.max_iter, generator)
         sizes = torch.bincount(assignment, minlength=2)
         poison = int(sizes.argmin())
-        if reference is not None and len(reference):
-            clean_centre = projection(reference).mean(0)
+        if clean_rows is not None and len(clean_rows):
+            clean_centre = projection(clean_rows).mean(0)
             poison = int((centroids - clean_centre).norm(dim=1).argmax())
-        distances = torch.cdist(reduced, centroids)
-        return distances[:, 1 - poison] - distances[:, poison], float(sizes.min()) / len(reduced)
+
+        def score_rows(rows: torch.Tensor) -> torch.Tensor:
+            distances = torch.cdist(projection(rows), centroids)
+            return distances[:, 1 - poison] - distances[:, poison]
+
+        return score_rows, float(sizes.min()) / len(reduced)
 
 
 def principal_projection(representations: torch.Tensor, components: int, whiten: bool):
