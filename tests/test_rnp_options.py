@@ -30,7 +30,7 @@ OLD_FIELDS = ["batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlear
               "threshold", "prune_number", "tolerance", "max_prune_fraction", "mask_layers",
               "channels_last", "amp", "seed"]
 NEW_DEFAULTS = {"exposure_share": 2.0, "mask_runs": 1, "mask_runs_unlearn": False, "unlearn_depths": (),
-                "repair_epochs": 0, "repair_lr": 0.01, "mask_skip_last": False}
+                "repair_epochs": 0, "repair_lr": 0.01, "repair_freeze_bn": False, "mask_skip_last": False}
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +308,14 @@ def test_repair_brings_back_clean_accuracy_after_a_harmful_pruning(repaired, syn
     assert report["clean_accuracy_after"] >= report["clean_accuracy_before"] + 0.25
     assert [row["epoch"] for row in report["epochs"]] == list(range(1, 11))
     assert all(row["seconds"] > 0 for row in report["epochs"]) and repaired.timings["repair"] > 0
+
+
+def test_a_frozen_batchnorm_repair_trains_the_weights_and_keeps_the_running_statistics(synthetic_backdoor):
+    sb = synthetic_backdoor
+    result = RNP(prune_rule="number", prune_number=80, repair_epochs=2, repair_freeze_bn=True, batch_size=32,
+                 augment=False, recover_epochs=2).fit(sb.model, sb.clean)
+    before, after = result.artifacts["pruned_model"].state_dict(), result.model.state_dict()
+    statistics = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(before[k], after[k]) for k in statistics)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.endswith(".weight"))
+    assert result.report["config"]["repair_freeze_bn"] is True

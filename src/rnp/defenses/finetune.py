@@ -100,14 +100,15 @@ def fine_tune(model: nn.Module, clean: ImageSet, *, epochs: int, lr: float, mome
               purpose: str = "fine-tune",
               penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               after_step: Callable[[StepInfo], bool] | None = None, progress: bool = False,
-              device="cpu", mixed: bool = False) -> list[EpochStats]:
+              device="cpu", mixed: bool = False, frozen_batchnorm: bool = False) -> list[EpochStats]:
     """Trains every trainable parameter of ``model`` in place by SGD on ``clean``.
 
     One :func:`run_epoch` per epoch; ``penalty`` (an extra loss term) and ``after_step`` (a
     callback after each update, e.g. re-applying a pruning mask) are handed to it. ``purpose``
     names the seeded stream of batches, so two fine-tunings in one defense draw different
     batches from one seed. ``mixed`` runs the epochs in mixed precision (a fresh gradient
-    scaler). The model is left in eval mode. Returns the per-epoch statistics.
+    scaler). ``frozen_batchnorm`` keeps BatchNorm's running statistics as they were (see
+    :func:`run_epoch`). The model is left in eval mode. Returns the per-epoch statistics.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -122,7 +123,8 @@ def fine_tune(model: nn.Module, clean: ImageSet, *, epochs: int, lr: float, mome
                 group["lr"] = lr_at(lr, milestones, gamma, epoch)
             history.append(run_epoch(model, clean, optimizer, batch_size=batch_size,
                                      generator=generator, augment=augment, penalty=penalty,
-                                     after_step=after_step, progress=bar, device=device, scaler=scaler))
+                                     after_step=after_step, progress=bar, device=device, scaler=scaler,
+                                     frozen_batchnorm=frozen_batchnorm))
     model.eval()
     return history
 

@@ -30,6 +30,9 @@ random crop and flip before MixUp with alpha 1, mask SGD with learning rate 0.05
 paper's own text on these settings could not be read when this was written; its "scheduling
 function" is taken here to be the per-layer floor ``mu(l)``. The release's default clean set
 (``--val-ratio 0.01``, 500 CIFAR-10 images) is the size of the package's default clean set.
+The release cannot have produced the paper's numbers exactly as published: its training
+function adds to two accuracy counters it never defines, which stops it at the first batch.
+So its defaults are the best record of the settings, not a proof of them.
 
 Deviations:
 

@@ -180,6 +180,9 @@ class RNPConfig:
     augment), the pruned channels held at zero; 0: no repair (paper)."""
     repair_lr: float = field(default=0.01, metadata={"omit": 0.01})
     """Learning rate of the repair's SGD (momentum 0.9 and weight decay 5e-4, FT's defaults)."""
+    repair_freeze_bn: bool = field(default=False, metadata={"omit": False})
+    """Experimental (issue 15): repair with BatchNorm in eval mode, its running statistics kept
+    as the pruning left them (re-estimated on clean images they revived part of the backdoor)."""
 
     def __post_init__(self):
         check_config(self)
@@ -298,7 +301,8 @@ class RNP(RemovalDefense):
             with timer.stage("repair"):
                 report["repair"] = repair(pruned, clean, scores, order[:count], epochs=cfg.repair_epochs,
                                           lr=cfg.repair_lr, batch_size=cfg.batch_size, augment=cfg.augment,
-                                          seed=cfg.seed, progress=self.progress, device=device)
+                                          seed=cfg.seed, progress=self.progress, device=device,
+                                          frozen_batchnorm=cfg.repair_freeze_bn)
         report["seconds"] = dict(timer.seconds)
         return RNPResult(pruned, report, artifacts, dict(timer.seconds))
 

@@ -101,10 +101,13 @@ def exposure_curve(unlearned: nn.Module, clean: ImageSet, scores: ChannelScores,
 
 def repair(model: nn.Module, clean: ImageSet, scores: ChannelScores, pruned: torch.Tensor, *,
            epochs: int, lr: float, batch_size: int, augment: bool, seed: int, progress: bool,
-           device) -> dict:
+           device, frozen_batchnorm: bool = False) -> dict:
     """Fine-tunes the pruned ``model`` in place on the clean images by SGD (FT's momentum and
     weight decay), zeroing the pruned channels' weights again after every step exactly as
     :func:`prune_channels` zeroed them (their biases train on), so they stay pruned.
+    ``frozen_batchnorm`` keeps BatchNorm's running statistics as the pruning left them: updated
+    on clean images, they re-centre the layers after the pruned channels and bring part of the
+    backdoor back (BadNets and Blend at width 16, issue 15).
 
     Returns the report's ``repair`` section: clean-set accuracy before and after, and per epoch
     the training loss and accuracy and the seconds it took.
@@ -122,7 +125,7 @@ def repair(model: nn.Module, clean: ImageSet, scores: ChannelScores, pruned: tor
     history = fine_tune(model, clean, epochs=epochs, lr=lr, momentum=REPAIR_MOMENTUM,
                         weight_decay=REPAIR_WEIGHT_DECAY, batch_size=batch_size, augment=augment,
                         seed=seed, purpose="rnp-repair", after_step=keep_pruned, progress=progress,
-                        device=device)
+                        device=device, frozen_batchnorm=frozen_batchnorm)
     rows = [{"epoch": epoch + 1, "loss": stats.loss, "accuracy": stats.accuracy,
              "seconds": ends[epoch + 1] - ends[epoch]} for epoch, stats in enumerate(history)]
     return {"epochs": rows, "clean_accuracy_before": before,

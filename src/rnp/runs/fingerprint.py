@@ -44,6 +44,9 @@ EQUIVALENT_TRAINING_CODE: dict[str, tuple[str, ...]] = {
     # 2026-12-06: a hook's transform runs under the step's autocast; 21 of 24 identical vs de7eae7,
     # the three hook attacks in bfloat16 differ (RETRAINED_ATTACKS)
     "2ab04311e7b6": ("4491a04dc800",),
+    # 2026-12-06: run_epoch's frozen_batchnorm option (off unless asked, for RNP's repair);
+    # 24 of 24 identical vs 7e75974 (2ab04311e7b6)
+    "9388b787ca56": ("2ab04311e7b6",),
 }
 """Training fingerprints verified to train the same models as older ones: ``{newer: (older,
 ...)}``. An entry is added only after ``benchmarks/training_equivalence.py --against REV`` found

@@ -49,7 +49,7 @@ def run_epoch(model: nn.Module, data: ImageSet, optimizer: torch.optim.Optimizer
               after_step: Callable[[StepInfo], bool] | None = None,
               penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               hook: TrainingHook | None = None, progress=None, device="cpu",
-              scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+              scaler: torch.amp.GradScaler | None = None, frozen_batchnorm: bool = False) -> EpochStats:
     """Trains ``model`` for one epoch over ``data`` in train mode.
 
     ``ascent`` maximises the cross-entropy instead of minimising it. ``after_step`` is called
@@ -66,10 +66,16 @@ the forward pass recorded); it is not counted in the reported loss. ``hook`` let
     overflowed. A hook's ``transform`` runs under the same autocast, so its own passes through the
     classifier (BppAttack's PGD negatives, LIRA's generator step) are as cheap as the step's.
     Without a scaler (or with a disabled one) every step is computed exactly as in full precision.
+    ``frozen_batchnorm`` keeps every BatchNorm layer in eval mode: it normalises with its running
+    statistics and leaves them as they were, while its weight and bias still train.
     """
     device = torch.device(device)
     mixed = scaler is not None and scaler.is_enabled()
     model.train()
+    if frozen_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total_loss = correct = seen = steps = 0
     stopped = False
     for images, labels in iterate_batches(data, batch_size, shuffle=True, augment=augment,
