@@ -22,10 +22,9 @@ import argparse
 import copy
 
 import torch
-from oracle import subject_and_oracle
+from oracle import clean_sets, subject_and_oracle
 from torch import nn
 
-from rnp.data.clean_subset import select_clean_subset
 from rnp.defenses.masks import prune_channels
 from rnp.defenses.rnp import RNP
 from rnp.defenses.rnp_options import repair
@@ -56,8 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     subject, oracle = subject_and_oracle(args.cell)
     model = subject["run"].model.eval()
-    for seed in (int(s) for s in args.seeds.split(",")):
-        clean, _ = select_clean_subset(subject["pool"], 500, seed=seed, exclude=subject["exclude"])
+    for seed, clean in clean_sets(subject, args.seeds):
         result = RNP(seed=seed).fit(model, clean)
         scores, order = result.masks, result.artifacts["order"]
         print(f"clean seed {seed}: the defaults pruned {result.report['pruning']['pruned']}; "

@@ -7,6 +7,7 @@ import os
 import torch
 
 from rnp.bench.cells import _load_subject
+from rnp.data.clean_subset import select_clean_subset
 from rnp.metrics.backdoor import accuracy
 from rnp.training.evaluate import predict
 
@@ -30,3 +31,10 @@ def subject_and_oracle(cell_file: str, images: int = 1000):
         return round(100 * float(ca), 1), round(100 * float(asr), 1)
 
     return subject, oracle
+
+
+def clean_sets(subject: dict, seeds: str, size: int = 500):
+    """``(seed, clean images)`` for each of the comma-separated clean ``seeds``, drawn as the
+    grid's cells draw them (the seed also seeds RNP there)."""
+    for seed in (int(s) for s in seeds.split(",")):
+        yield seed, select_clean_subset(subject["pool"], size, seed=seed, exclude=subject["exclude"])[0]

@@ -14,9 +14,8 @@ import argparse
 import copy
 
 import torch
-from oracle import subject_and_oracle
+from oracle import clean_sets, subject_and_oracle
 
-from rnp.data.clean_subset import select_clean_subset
 from rnp.defenses.masks import prune_channels
 from rnp.defenses.rnp import RNP, TARGET_OBJECTIVES
 from rnp.defenses.rnp_options import target_gradient
@@ -35,8 +34,7 @@ def main() -> None:
     torch.set_num_threads(1)
     subject, oracle = subject_and_oracle(args.cell)
     model = subject["run"].model.eval()
-    for seed in (int(s) for s in args.seeds.split(",")):
-        clean, _ = select_clean_subset(subject["pool"], 500, seed=seed, exclude=subject["exclude"])
+    for seed, clean in clean_sets(subject, args.seeds):
         unlearned, summary, _ = RNP(seed=seed).unlearn(model, clean, torch.device("cpu"))
         scores, target = target_gradient(unlearned.eval(), clean, objective=TARGET_OBJECTIVES[args.ranking])
         order = scores.order()
