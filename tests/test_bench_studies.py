@@ -59,6 +59,8 @@ def studies(tmp_path_factory, data) -> dict:
         "labels": study(root, data, "labels", defenses={"none": {}},
                         attacks=[{"name": "none", "seeds": [0]}, "badnets"],
                         label_runs={"runs": 3, "subset": 0.5, "amp": "off"}),
+        "recalibration": study(root, data, "recalibration", defenses={"none": {}, "rnp": RNP_FAST},
+                               recalibration=True, curve_images=0),
     }
 
 
@@ -91,6 +93,22 @@ def test_rnp_settings_over_clean_seeds_with_the_oracle_ranking(studies):
     assert "## RNP's ranking of the channels (oracle analysis)" in text and "ASR@2" in text
     assert "## Defenses side by side" in text and "| attack | none | rnp | rnp (threshold) |" in text
     assert (out / "rnp_ranking.png").stat().st_size > 1000
+
+
+def test_recalibration_measures_every_defended_model_again_after_new_statistics(studies):
+    out, text, _ = studies["recalibration"]
+    rows = {r["label"]["defense"]: r for r in records(out)}
+    assert set(rows) == {"none", "rnp"}
+    for record in rows.values():
+        assert record["cell"]["recalibration"] is True and record["recalibrated"]["status"] == "ok"
+        assert 0 <= record["recalibrated"]["clean_accuracy"] <= 1
+        assert 0 <= record["recalibrated"]["attack_success_rate"] <= 1
+    # the undefended model's statistics came from its training set: the clean set's differ
+    assert rows["none"]["recalibrated"] != rows["none"]["after"]
+    header = next(line for line in text.splitlines() if line.startswith("| dataset"))
+    assert header.rstrip().endswith("| CA recalibrated | ASR recalibrated |")
+    csv = (out / "results.csv").read_text().splitlines()[0]
+    assert csv.endswith("recalibrated_ca,recalibrated_asr")
 
 
 def test_cost_cells_repeat_and_check_the_result(studies):
@@ -200,6 +218,7 @@ def test_a_defense_row_takes_its_own_clean_seeds(data):
     ({"exposure": {"budget": 3}}, "exposure has no setting budget"),
     ({"exposure": {"cleanse": "no"}}, "exposure.cleanse takes true or false"),
     ({"exposure": {"nc_scan": 1}}, "exposure.nc_scan takes true or false"),
+    ({"recalibration": "yes"}, "recalibration"),
     ({"attacks": ["none"]}, "the attack 'none' \\(a clean subject\\) has no backdoor to re-tune"),
     ({"attacks": [{"name": "none", "size": 3}], "exposure": True, "retuning": None}, "takes only 'seeds'"),
     ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poisoning rate"),
@@ -226,7 +245,7 @@ def test_every_benchmark_grid_is_valid(path, data):
 def test_grid_records_describe_only_the_measurements_that_are_on(data):
     plain = parse_grid(grid_dict(data, retuning=None)).cells({"tiny": "sum"})
     assert not {"clean_seed", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor",
-                "label_runs"} & set(
+                "label_runs", "recalibration"} & set(
         json.loads(json.dumps(plain[0].describe())))
 
 

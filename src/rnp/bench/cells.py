@@ -24,6 +24,7 @@ from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
 from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs
 from rnp.bench.memory import PeakMemory
+from rnp.bench.recalibration import batchnorm_layers, recalibrated
 from rnp.bench.retuning import retune, retuning_set
 from rnp.bench.subjects import cached_subject, subject_code
 from rnp.data.clean_subset import select_clean_subset
@@ -97,6 +98,8 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     if cell.retuning is not None:
         control = _load_model(control_dir).to(device) if control_dir else None
         record["retuning"] = _retuning(cell, result.model, subject, control)
+    if cell.recalibration:
+        record["recalibrated"] = _recalibrated(result.model, clean, subject, device)
     return record
 
 
@@ -205,6 +208,16 @@ def _pruned_first(result, count: int, oracle) -> dict:
     original, masks, order = (result.artifacts[k] for k in ("original_model", "masks", "order"))
     with channels_pruned(original, masks, order[:count]) as pruned:
         return {"count": count, **oracle(pruned)}
+
+
+def _recalibrated(model, clean, subject: dict, device) -> dict:
+    """CA / ASR / RA after re-estimating the model's BatchNorm statistics on the clean set, or
+    why the measurement does not apply."""
+    if not batchnorm_layers(model):
+        return {"status": "not_applicable", "reason": "the model has no BatchNorm running statistics"}
+    metrics = evaluate_backdoor(recalibrated(model, clean), subject["run"].data.test, subject["triggered"],
+                                device=device)
+    return {"status": "ok", **metrics.to_dict()}
 
 
 def _retuning(cell: Cell, model, subject: dict, control=None) -> dict:

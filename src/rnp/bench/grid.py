@@ -31,6 +31,8 @@ defense row may carry its own ``clean_seeds``, e.g. three for RNP and the grid's
 costly baselines);
 ``repeats`` times every defense several times (median seconds, results checked equal);
 ``prune_counts`` adds RNP's oracle ranking (CA / ASR after pruning its first k channels);
+``recalibration: true`` also measures every defended model after re-estimating its BatchNorm
+statistics on the clean set (:mod:`rnp.bench.recalibration`);
 ``cost_floor: false`` skips timing RNP's optimisation floor (:mod:`rnp.bench.cost`), which in
 float32 can take longer than a bfloat16 RNP run itself, where a study needs no cost figures;
 ``attack_properties``, ``exposure`` and ``label_runs`` (:mod:`rnp.bench.measurements`) measure
@@ -70,7 +72,7 @@ NO_ATTACK = "none"
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
              "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output",
              "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor",
-             "label_runs"}
+             "label_runs", "recalibration"}
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Cell:
     label_runs: LabelRunsConfig | None = None
     cost_floor: bool = True
     """Whether an RNP cell times its optimisation floor (:func:`rnp.bench.cost.optimisation_floor`)."""
+    recalibration: bool = False
+    """Whether the cell also measures its model with BatchNorm statistics re-estimated on the clean set."""
     device: str = "cpu"
     """Where the grid runs. The key holds the precision "auto" resolves to there, not the device."""
 
@@ -201,7 +205,8 @@ class Cell:
                   "attack_properties": True if subject and self.attack_properties else None,
                   "cost_floor": False if self.defense == "rnp" and not self.cost_floor else None,
                   "exposure": config_dict(self.exposure) if subject and self.exposure else None,
-                  "label_runs": config_dict(self.label_runs) if subject and self.label_runs else None}
+                  "label_runs": config_dict(self.label_runs) if subject and self.label_runs else None,
+                  "recalibration": True if self.recalibration else None}
         return {key: value for key, value in extras.items() if value is not None}
 
 
@@ -233,6 +238,7 @@ class Grid:
     exposure: ExposureConfig | None = None
     label_runs: LabelRunsConfig | None = None
     cost_floor: bool = True
+    recalibration: bool = False
 
     def subjects(self) -> list[Subject]:
         return [Subject(name, spec, model["arch"], model.get("width", 16), attack, _attack_params(params),
@@ -262,7 +268,8 @@ class Grid:
                                 clean_seed=clean_seed, repeats=self.repeats,
                                 prune_counts=tuple(self.prune_counts),
                                 attack_properties=self.attack_properties, exposure=self.exposure,
-                                label_runs=self.label_runs, cost_floor=self.cost_floor, device=str(device))
+                                label_runs=self.label_runs, cost_floor=self.cost_floor,
+                                recalibration=self.recalibration, device=str(device))
                     cells.append(dataclasses.replace(cell, key=_hash(cell.describe())))
         return cells
 
@@ -315,7 +322,8 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         attack_properties=_bool(raw.get("attack_properties", False), "attack_properties"),
         exposure=_measurement(ExposureConfig, raw.get("exposure"), "exposure"),
         label_runs=_measurement(LabelRunsConfig, raw.get("label_runs"), "label_runs"),
-        cost_floor=_bool(raw.get("cost_floor", True), "cost_floor"))
+        cost_floor=_bool(raw.get("cost_floor", True), "cost_floor"),
+        recalibration=_bool(raw.get("recalibration", False), "recalibration"))
     _check_measurements(grid)
     return grid
 

@@ -57,6 +57,17 @@ def _retuning_epochs(records: list[dict]) -> list[str]:
     return sorted(epochs, key=int)
 
 
+def _recalibration_columns(records: list[dict]) -> list[str]:
+    """CA and ASR after re-estimating BatchNorm statistics, where any cell measured them."""
+    return ["CA", "ASR"] if any("recalibrated" in r for r in records) else []
+
+
+def _recalibrated(record: dict, short: str):
+    """The cell's metric ``short`` (CA or ASR) after recalibration, None where not measured."""
+    measured = record.get("recalibrated", {})
+    return measured.get(dict(METRICS)[short]) if measured.get("status") == "ok" else None
+
+
 def _rnp_seconds(records: list[dict]) -> dict[tuple, float]:
     return {_subject(r): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
 
@@ -64,11 +75,13 @@ def _rnp_seconds(records: list[dict]) -> dict[tuple, float]:
 def results_csv(records: list[dict]) -> str:
     """One row per cell, metrics as fractions, seconds and megabytes as measured."""
     epochs = _retuning_epochs(records)
+    recalibration = _recalibration_columns(records)
     rnp = _rnp_seconds(records)
     columns = ["key", "dataset", "model", "attack", "seed", "clean_seed", "defense", "status",
                "ca_before", "asr_before", "ra_before", "ca", "asr", "ra", "der", "seconds",
                "seconds_over_rnp", "peak_memory_mb", "memory_kind", "pruned",
-               "floor_seconds", "rnp_over_floor", *[f"retuned_asr_{e}" for e in epochs]]
+               "floor_seconds", "rnp_over_floor", *[f"retuned_asr_{e}" for e in epochs],
+               *[f"recalibrated_{m.lower()}" for m in recalibration]]
     rows = []
     for r in records:
         row = {"key": r["key"], **r["label"], "status": r["status"]}
@@ -84,6 +97,8 @@ def results_csv(records: list[dict]) -> str:
             row.update(floor_seconds=cost.get("floor_seconds"), rnp_over_floor=cost.get("floor_ratio"))
             for epoch, value in r.get("retuning", {}).get("asr", {}).items():
                 row[f"retuned_asr_{epoch}"] = value
+            for short in recalibration:
+                row[f"recalibrated_{short.lower()}"] = _recalibrated(r, short)
         rows.append([row.get(column) for column in columns])
     return csv_text(columns, rows)
 
@@ -95,22 +110,24 @@ def _pct(value) -> str:
 def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
     """The cell table, the means per defense, RNP's cost, and (``compare``) published numbers."""
     epochs = _retuning_epochs(records)
+    recalibration = _recalibration_columns(records)
     rows = [["dataset", "model", "attack", "seed", "defense", "CA", "ASR", "RA", "DER", "seconds", "peak MB",
-             *[f"ASR after {e} ep." for e in epochs]]]
+             *[f"ASR after {e} ep." for e in epochs], *[f"{m} recalibrated" for m in recalibration]]]
     for r in records:
         label, before = r["label"], r["before"]
         head = [label["dataset"], label["model"], label["attack"], _seed(label), label["defense"]]
         if r["status"] != "ok":
-            rows.append([*head, f"n/a: {r['error']}", *[""] * (5 + len(epochs))])
+            rows.append([*head, f"n/a: {r['error']}", *[""] * (5 + len(epochs) + len(recalibration))])
             continue
         after = r["after"]
         metrics = [f"{_pct(before[n])} -> {_pct(after[n])}" for _, n in METRICS]
         asr = r.get("retuning", {}).get("asr", {})
         rows.append([*head, *metrics, _pct(r["der"]), f"{r['seconds']:.1f}", f"{r['peak_memory_mb']:.0f}",
-                     *[_pct(asr.get(e)) for e in epochs]])
+                     *[_pct(asr.get(e)) for e in epochs], *[_pct(_recalibrated(r, m)) for m in recalibration]])
     lines = [f"# {title}", "", f"{len(records)} cells. CA / ASR / RA / DER in %, before -> after; "
              "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
-             code_note(records), "", render_table(rows, markdown=True), "", means_table(records, epochs)]
+             code_note(records), "", render_table(rows, markdown=True), "",
+             means_table(records, epochs, recalibration)]
     cost = cost_table(records)
     if cost:
         lines += ["", cost]
@@ -151,15 +168,16 @@ def _memory_kinds(records: list[dict]) -> str:
     return ", ".join(kinds) or "-"
 
 
-def means_table(records: list[dict], epochs: list[str]) -> str:
+def means_table(records: list[dict], epochs: list[str], recalibration: list[str] = ()) -> str:
     """Means per defense over its cells, with each defense's seconds over RNP's on the same
-    subject (mean of the per-subject ratios)."""
+    subject (mean of the per-subject ratios), and the re-tuning and recalibration columns the
+    cells measured."""
     rnp = _rnp_seconds(records)
     by_defense = defaultdict(list)
     for r in _ok(records):
         by_defense[r["label"]["defense"]].append(r)
     table = [["defense", "cells", "CA", "ASR", "RA", "DER", "seconds", "x RNP time", "peak MB",
-              *[f"ASR after {e} ep." for e in epochs]]]
+              *[f"ASR after {e} ep." for e in epochs], *[f"{m} recalibrated" for m in recalibration]]]
     for defense, rows in by_defense.items():
         def mean(values):
             values = [v for v in values if v is not None]
@@ -171,11 +189,13 @@ def means_table(records: list[dict], epochs: list[str]) -> str:
         asr = [_pct(mean([r.get("retuning", {}).get("asr", {}).get(e) for r in rows])) for e in epochs]
         table.append([defense, len(rows), *[_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS],
                       _pct(mean([r["der"] for r in rows])), f"{mean([r['seconds'] for r in rows]):.1f}", ratio,
-                      f"{mean([r['peak_memory_mb'] for r in rows]):.0f}", *asr])
+                      f"{mean([r['peak_memory_mb'] for r in rows]):.0f}", *asr,
+                      *[_pct(mean([_recalibrated(r, m) for r in rows])) for m in recalibration]])
     controls = [r["retuning"]["control_asr"] for r in _ok(records) if "control_asr" in r.get("retuning", {})]
     if controls:
         asr = [_pct(statistics.mean(c[e] for c in controls if e in c)) for e in epochs]
-        table.append(["clean model (re-tuning control)", len(controls), *["-"] * 7, *asr])
+        table.append(["clean model (re-tuning control)", len(controls), *["-"] * 7, *asr,
+                      *["-"] * len(recalibration)])
     return "Means per defense:\n\n" + render_table(table, markdown=True)
 
 

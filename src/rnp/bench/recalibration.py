@@ -1,0 +1,56 @@
+"""Whether a purified model stays purified once its BatchNorm statistics are re-estimated.
+
+A pruning defense zeroes channels but keeps every BatchNorm layer's running mean and variance,
+which were estimated on the poisoned training set with those channels alive. A user who
+recalibrates the delivered model on clean images (after quantising it, moving it to another
+input pipeline, or before fine-tuning it) replaces them. :func:`recalibrated` is that user's
+step, so the benchmark can report the attack success rate after it beside the re-tuning attack
+of :mod:`rnp.bench.retuning`.
+
+The statistics are estimated on the images as the model was trained on them, random crop and
+flip included, over several passes. On plain images they are not the statistics the weights
+were fitted to: on the width-16 BadNets subject, estimating them on the 500 clean images
+without augmentation cost 6.3 points of clean accuracy with nothing pruned (82.0% to 75.7%),
+one augmented pass 0.2 points and five none (2,000 test images).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rnp.data.images import ImageSet
+from rnp.data.loader import iterate_batches
+from rnp.utils import generator_for, model_device
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recalibrated(model: nn.Module, images: ImageSet, *, passes: int = 5, augment: bool = True,
+                 batch_size: int = 100, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are the plain average over
+    ``passes`` passes through ``images`` in batches of ``batch_size`` (shuffled and, with
+    ``augment``, randomly cropped and flipped, from a generator seeded by ``seed``); every
+    weight is kept. ``model`` is untouched."""
+    model = copy.deepcopy(model)
+    layers = batchnorm_layers(model)
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches
+    generator = generator_for(seed, "recalibration")
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            for batch, _ in iterate_batches(images, batch_size, shuffle=True, augment=augment,
+                                            generator=generator, device=model_device(model)):
+                model(batch)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    return model.eval()
