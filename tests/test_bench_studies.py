@@ -103,8 +103,6 @@ def test_recalibration_measures_every_defended_model_again_after_new_statistics(
         assert record["cell"]["recalibration"] is True and record["recalibrated"]["status"] == "ok"
         assert 0 <= record["recalibrated"]["clean_accuracy"] <= 1
         assert 0 <= record["recalibrated"]["attack_success_rate"] <= 1
-    # the undefended model's statistics came from its training set: the clean set's differ
-    assert rows["none"]["recalibrated"] != rows["none"]["after"]
     header = next(line for line in text.splitlines() if line.startswith("| dataset"))
     assert header.rstrip().endswith("| CA recalibrated | ASR recalibrated |")
     csv = (out / "results.csv").read_text().splitlines()[0]
