@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rnp.bench.cells import _recalibrated
-from rnp.bench.recalibration import batchnorm_layers, recalibrated
+from rnp.bench.recalibration import running_statistics_layers, recalibrated
 
 from helpers import tiny_image_set
 
@@ -45,6 +45,6 @@ def test_augmented_passes_are_seeded_and_differ_from_plain_ones():
 
 def test_only_layers_with_running_statistics_count():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
-    assert batchnorm_layers(model) == []
+    assert running_statistics_layers(model) == []
     record = _recalibrated(model, tiny_image_set(n=8), {}, "cpu")
     assert record == {"status": "not_applicable", "reason": "the model has no BatchNorm running statistics"}

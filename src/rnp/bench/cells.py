@@ -24,7 +24,7 @@ from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
 from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs
 from rnp.bench.memory import PeakMemory
-from rnp.bench.recalibration import batchnorm_layers, recalibrated
+from rnp.bench.recalibration import running_statistics_layers, recalibrated
 from rnp.bench.retuning import retune, retuning_set
 from rnp.bench.subjects import cached_subject, subject_code
 from rnp.data.clean_subset import select_clean_subset
@@ -213,7 +213,7 @@ def _pruned_first(result, count: int, oracle) -> dict:
 def _recalibrated(model, clean, subject: dict, device) -> dict:
     """CA / ASR / RA after re-estimating the model's BatchNorm statistics on the clean set, or
     why the measurement does not apply."""
-    if not batchnorm_layers(model):
+    if not running_statistics_layers(model):
         return {"status": "not_applicable", "reason": "the model has no BatchNorm running statistics"}
     metrics = evaluate_backdoor(recalibrated(model, clean), subject["run"].data.test, subject["triggered"],
                                 device=device)

@@ -26,8 +26,9 @@ from rnp.data.loader import iterate_batches
 from rnp.utils import generator_for, model_device
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's BatchNorm layers that keep running statistics."""
+def running_statistics_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that keep running statistics (whether or not they have an
+    affine scale; :func:`rnp.defenses.masks.batchnorm_layers` lists the scales RNP masks)."""
     return [m for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
@@ -39,7 +40,7 @@ def recalibrated(model: nn.Module, images: ImageSet, *, passes: int = 5, augment
     ``augment``, randomly cropped and flipped, from a generator seeded by ``seed``); every
     weight is kept. ``model`` is untouched."""
     model = copy.deepcopy(model)
-    layers = batchnorm_layers(model)
+    layers = running_statistics_layers(model)
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
