@@ -8,7 +8,8 @@ on 1,000 test images (test data a defender does not have: it explains and choose
 - the pruned model as it is;
 - the pruned model with every BatchNorm's running statistics re-estimated on the 500 clean
   images (:func:`rnp.bench.recalibration.recalibrated`: five passes with crop and flip, as the
-  model was trained; before 2026-12-06 one plain pass, which alone cost 6 points of accuracy);
+  model was trained; before 2026-12-06 one plain pass in stored order, which alone cost 6
+  points of accuracy);
 - the pruned model repaired as RNP's ``repair_epochs`` does (5 epochs, lr 0.001), BatchNorm in
   train mode, so its statistics follow the clean images;
 - the same repair with ``repair_freeze_bn``, BatchNorm in eval mode and its statistics kept.

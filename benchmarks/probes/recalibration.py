@@ -6,8 +6,8 @@ For each named defense (its defaults, or ``name:key=value,...`` overrides; clean
 defender does not have: it explains and chooses nothing) of the purified model and of the same
 model with every BatchNorm's statistics re-estimated on the 500 clean images
 (:func:`rnp.bench.recalibration.recalibrated`: five passes with crop and flip, as the model was
-trained; before 2026-12-06 one plain pass, which alone cost 6 points of accuracy). Usage (run
-from the repository root):
+trained; before 2026-12-06 one plain pass in stored order, which alone cost 6 points of
+accuracy). Usage (run from the repository root):
 
     OMP_NUM_THREADS=1 PYTHONPATH=benchmarks/probes python benchmarks/probes/recalibration.py \
         CELL.json rnp clp fp anp rnp:tolerance=0.1,repair_epochs=5,repair_lr=0.001,repair_freeze_bn=true
