@@ -96,6 +96,9 @@ def test_inspect_gives_a_verdict_from_repeated_unlearnings(capsys, run, tmp_path
     calibrated = json.loads((tmp_path / "calibrated" / "report.json").read_text())["collapse"]
     assert code == 0 and calibrated["threshold"] == found["agreement"] and calibrated["kind"] == "clean"
     assert calibrated["false_alarm_bound"] == 0.5 and "with chance at most 50.0%" in stdout
+    # one reference: the rate of its threshold is uniform over draws (Beta(1, 1))
+    assert calibrated["references"] == 1 and calibrated["false_alarm_interval"] == pytest.approx([0.025, 0.975])
+    assert "between 2.5% and 97.5%" in stdout
 
     code, _, _ = run_cli(capsys, "inspect", "--run", run, "--out", tmp_path / "single", *FAST, "--no-trigger",
                          "--runs", "0")
@@ -177,7 +180,11 @@ def test_scan_data_calibrates_on_clean_images_the_unlearning_never_saw(capsys, r
         flagged_clean = sum(s > entry["threshold"] for s in clean_scores)
         assert entry["fpr_scanned_clean"] == pytest.approx(flagged_clean / len(clean_scores), abs=1e-4)
         assert entry["fpr_references"] <= 0.1 and entry["target_fpr"] == 0.1
-    assert "FPR references" in stdout and "your 20 clean images" in (out / "summary.md").read_text()
+        low, high = entry["fpr_interval"]  # 20 references: the rate of one threshold spreads widely
+        assert 0 < low < 0.05 and 0.3 < high < 0.5
+    summary = (out / "summary.md").read_text()
+    assert "FPR references" in stdout and "your 20 clean images" in summary
+    assert f"flags between {100 * low:.1f}% and {100 * high:.1f}%" in summary
 
 
 def test_scan_verdict_counts_flags_beyond_what_the_rate_explains():

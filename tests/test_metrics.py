@@ -8,7 +8,9 @@ from torch import nn
 
 from rnp.attacks import BadNets
 from rnp.data.images import ImageSet
-from rnp.metrics import BackdoorMetrics, accuracy, anomaly_indices, der, evaluate_backdoor, share_above
+from rnp.errors import RnpError
+from rnp.metrics import (BackdoorMetrics, accuracy, anomaly_indices, der, evaluate_backdoor, false_alarm_interval,
+                         share_above, threshold_at_fpr)
 
 LABELS = [0, 1, 2] * 4
 # The class each image's pixels encode: the true label except image 2 (reads as 0) and 4 (as 2).
@@ -93,3 +95,30 @@ def test_anomaly_indices_floor_the_spread():
     assert anomaly_indices(shares)[-1] == float("inf")
     assert anomaly_indices(shares, min_spread=0.05)[-1].item() == pytest.approx(2.0)
 
+
+
+@pytest.mark.parametrize("negatives", [1, 19, 200])
+def test_false_alarm_interval_of_the_highest_negative_has_its_closed_form(negatives):
+    # at fpr 0 the threshold is the highest negative: its rate is Beta(1, n), P(rate <= q) = 1 - (1 - q)^n
+    low, high = false_alarm_interval(negatives, 0.0, confidence=0.9)
+    assert low == pytest.approx(1 - 0.95 ** (1 / negatives), rel=1e-9)
+    assert high == pytest.approx(1 - 0.05 ** (1 / negatives), rel=1e-9)
+
+
+@pytest.mark.parametrize("negatives, fpr", [(100, 0.05), (40, 0.2)])
+def test_false_alarm_interval_holds_the_rate_thresholds_realise(negatives, fpr):
+    # uniform scores: a threshold t flags the share 1 - t of the population; draw many thresholds
+    draws = torch.rand(20000, negatives, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rates = torch.tensor([1 - threshold_at_fpr(row, fpr) for row in draws], dtype=torch.float64)
+    low, high = false_alarm_interval(negatives, fpr)
+    # each tail holds 2.5% of 20,000 draws (sd 0.11 points); an off-by-one rank moves a tail by 1-2 points
+    assert float((rates < low).double().mean()) == pytest.approx(0.025, abs=0.005)
+    assert float((rates > high).double().mean()) == pytest.approx(0.025, abs=0.005)
+
+
+def test_false_alarm_interval_edges():
+    assert false_alarm_interval(5, 1.0) == (1.0, 1.0)
+    with pytest.raises(RnpError, match="confidence"):
+        false_alarm_interval(100, 0.05, confidence=1.0)
+    with pytest.raises(RnpError, match="at least one negative"):
+        false_alarm_interval(0, 0.05)

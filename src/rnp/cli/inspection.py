@@ -30,7 +30,7 @@ from rnp.io import plots
 from rnp.io.figures import image_grid, save_png, side_by_side
 from rnp.io.files import read_json, write_json, write_text
 from rnp.io.tables import render_table, write_csv
-from rnp.metrics.detection import auroc, positives_mask, share_above, threshold_at_fpr
+from rnp.metrics.detection import auroc, false_alarm_interval, positives_mask, share_above, threshold_at_fpr
 from rnp.runs.folder import load_run
 from rnp.runs.outputs import prepare_output_dir, remove_previous_outputs
 from rnp.utils import fits_seed, resolve_device
@@ -62,6 +62,9 @@ def inspect(args) -> int:
                                 config=config, seed=config.seed, progress=not args.quiet)
         report["collapse"] = {**found.to_dict(), "runs": args.runs, "subset": args.run_subset,
                               "seconds": time.perf_counter() - start}
+        if isinstance(threshold, Calibration):
+            report["collapse"].update(references=threshold.references, false_alarm_interval=list(
+                false_alarm_interval(threshold.references, threshold.fpr)))
     classes = len(subject.classes)
     figure = plots.Figure([
         plots.Bars(subject.classes, verdict.shares, title="Clean images predicted as each class, unlearned model",
@@ -147,12 +150,14 @@ def _histograms(title: str, scores: torch.Tensor, known: torch.Tensor | None) ->
 def _flags(scores: torch.Tensor, threshold: float, rate: float, references: torch.Tensor,
            known: torch.Tensor | None) -> dict:
     """The samples a threshold set at ``rate`` flags and the false-positive rates it realises:
-    on the clean references it was set on (at most the rate; less when they are few or tied) and on the
-    scanned samples known to be clean (None when no poisoned indices are known); with known
-    poison, the AUROC and the share of it flagged."""
+    on the clean references it was set on (at most the rate; less when they are few or tied), the
+    95% interval of its rate on clean samples exchangeable with them (the draw of the references
+    alone moves it), and on the scanned samples known to be clean (None when no poisoned indices
+    are known); with known poison, the AUROC and the share of it flagged."""
     flagged = scores.double() > threshold  # compared as the threshold was set: exactly
     entry = {"threshold": threshold, "flagged": int(flagged.sum()), "target_fpr": rate,
-             "fpr_references": share_above(references, threshold), "fpr_scanned_clean": None}
+             "fpr_references": share_above(references, threshold),
+             "fpr_interval": list(false_alarm_interval(len(references), rate)), "fpr_scanned_clean": None}
     if known is not None and not bool(known.all()):
         entry["fpr_scanned_clean"] = share_above(scores[~known], threshold)
     if known is not None and 0 < int(known.sum()) < len(known):
@@ -174,8 +179,13 @@ def _scan_summary(report: dict, classes: list[str]) -> str:
               f"by a model that learned from it). Each threshold flags {100 * rate:g}% of those clean scores; "
               "`combined` joins the detectors' p-values against them (Fisher) and `flagged` in scores.csv is its "
               "flag.")
+    low, high = report["combined"]["fpr_interval"]
+    spread = (f"A threshold set on {clean['size']} clean images realises its rate only up to the draw of those "
+              f"images: on clean samples like them it flags between {100 * low:.1f}% and {100 * high:.1f}% "
+              f"(95% of draws): a realised rate anywhere in that range (`FPR scanned clean`, when the poisoned "
+              "samples are known) is chance, not a fault of the scan.")
     return (f"# rnp scan-data\n\n{report['scored']} samples scored{known}.\n\n{render_table(rows, markdown=True)}\n\n"
-            + "\n".join(_scan_verdict(report, classes)) + f"\n\n{method}\n")
+            + "\n".join(_scan_verdict(report, classes)) + f"\n\n{method} {spread}\n")
 
 
 def _scan_verdict(report: dict, classes: list[str]) -> list[str]:
@@ -377,8 +387,11 @@ def _collapse_words(found: dict, classes: list[str]) -> list[str]:
                 "false-positive rate on yours: run `rnp inspect` on models you know to be clean and pass their "
                 "report.json files with --clean-reports to set one.")
     else:
-        rate = (f"The threshold was set from models you know to be clean: a clean model like them is called "
-                f"backdoored with chance at most {100 * found['false_alarm_bound']:.1f}%.")
+        low, high = found["false_alarm_interval"]
+        rate = (f"The threshold was set from {found['references']} models you know to be clean: a clean model like "
+                f"them is called backdoored with chance at most {100 * found['false_alarm_bound']:.1f}%, averaged "
+                f"over such sets of references; for this one set the rate lies between {100 * low:.1f}% and "
+                f"{100 * high:.1f}% (95% of draws). More reference models narrow it.")
     return [head, f"- {advice}", f"- {rate}"]
 
 

@@ -2,8 +2,8 @@
 the MAD anomaly index."""
 
 from rnp.metrics.backdoor import BackdoorMetrics, accuracy, der, evaluate_backdoor
-from rnp.metrics.detection import (anomaly_indices, auroc, false_alarm_bound, positives_mask, share_above,
-                                   threshold_at_fpr, tpr_at_fpr)
+from rnp.metrics.detection import (anomaly_indices, auroc, false_alarm_bound, false_alarm_interval, positives_mask,
+                                   share_above, threshold_at_fpr, tpr_at_fpr)
 
 __all__ = ["BackdoorMetrics", "accuracy", "der", "evaluate_backdoor", "anomaly_indices", "auroc", "false_alarm_bound",
-           "positives_mask", "share_above", "threshold_at_fpr", "tpr_at_fpr"]
+           "false_alarm_interval", "positives_mask", "share_above", "threshold_at_fpr", "tpr_at_fpr"]
