@@ -237,6 +237,14 @@ def test_two_training_runs_share_out_the_subjects(data, tmp_path):
         run_grid(grid, out, cache=cache, subjects=["trojan"], log=lambda line: None)
 
 
+def test_subjects_run_in_the_order_given(data, tmp_path):
+    grid = small_grid(data, attacks=["badnets", "blend"])
+    lines = []
+    run_grid(grid, tmp_path / "out", cache=tmp_path / "models", subjects=["blend", "badnets"], log=lines.append)
+    done = [line.split("] ")[1].split(" / ")[0] for line in lines if line.startswith("[")]
+    assert done == ["blend", "badnets"]  # the grid lists badnets first
+
+
 def test_cell_and_subject_keys_hold_the_precision_used(data, monkeypatch):
     """On a CPU with native bfloat16 "auto" is bfloat16, so it must not find float32 records;
     pinning float32 there finds exactly the keys "auto" had on a CPU without it."""

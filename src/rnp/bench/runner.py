@@ -98,8 +98,9 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
     """Computes the missing cells of ``grid`` into ``out`` and returns all of its records.
 
     ``defenses`` (row names, e.g. ``["none"]``) runs only those rows, ``subjects`` (subject
-    labels as the report prints them, e.g. ``["trojan", "clean"]``) only those subjects, so
-    that two training processes can share out a grid's subjects; ``keep_older`` counts a cell
+    labels as the report prints them, e.g. ``["trojan", "clean"]``) only those subjects, in that
+    order (a subject half trained can go first), so that two training processes can share out a
+    grid's subjects; ``keep_older`` counts a cell
     as done when older code computed one with the same settings (the report's code note then
     lists every record's code), instead of recomputing it with this code; ``trained_only`` trains
     nothing and skips the cells whose subject the cache does not hold finished. Together they
@@ -121,6 +122,7 @@ def run_grid(grid: Grid, out, *, cache, data_cache: str | None = None, executor:
         if unknown:
             raise RnpError(f"grid {grid.name} has no subject {unknown[0]!r}; its subjects: {', '.join(sorted(labels))}")
         cells = [cell for cell in cells if cell.subject.label in subjects]
+        cells.sort(key=lambda cell: subjects.index(cell.subject.label))  # stable: grid order within one
     done = _records(cells, out, older=keep_older)
     todo = [cell for cell in cells if cell.key not in done]
     log(f"{grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "

@@ -182,8 +182,8 @@ def build_parser(method: str = "rnp") -> argparse.ArgumentParser:
     grid.add_argument("--defenses", nargs="+", metavar="ROW",
                       help="run only these defense rows of the grid (e.g. `none` to train its subjects)")
     grid.add_argument("--subjects", nargs="+", metavar="LABEL",
-                      help="run only these subjects (labels as the report prints them, e.g. `trojan` "
-                           "or `clean`), so that two training runs can share out a grid's subjects")
+                      help="run only these subjects, in this order (labels as the report prints them, e.g. "
+                           "`trojan` or `clean`), so that two training runs can share out a grid's subjects")
     grid.add_argument("--keep-older", action="store_true",
                       help="count a cell as done when older code computed it with the same settings "
                            "(the report lists every record's code) instead of recomputing it")
