@@ -136,11 +136,12 @@ def test_exposure_of_clean_and_backdoored_subjects(studies):
     scan = exposure["nc_scan"]
     assert len(scan["norms"]) == 3 and scan["candidate"] == min(range(3), key=scan["norms"].__getitem__)
     assert set(scan["flagged"]) <= {0, 1, 2} and 0 <= scan["success"] <= 1 and scan["seconds"] > 0
-    assert scan["iou"] is not None  # BadNets' patch
+    assert scan["iou"] is not None and scan["iou"] <= scan["placed_iou"]  # BadNets' patch
     assert "nc_scan" not in clean["exposure"]
     for heading in ("## What the unlearned model exposes", "| clean seed 1 |", "Backdoored-model detection",
                     "Neural Cleanse's search", "Poisoned-sample detection", "Combined scan (", "Cleansing:",
-                    "Trigger recovery guided by the exposure", "| badnets seed 0 | 0 |"):
+                    "Trigger recovery guided by the exposure", "| badnets seed 0 | 0 |", "placed IoU",
+                    "IoU, any trained placement"):
         assert heading in text
     assert (out / "exposure_scores.png").stat().st_size > 1000
 

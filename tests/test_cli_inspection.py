@@ -47,6 +47,7 @@ def test_inspect_writes_reports_and_figures(capsys, run, tmp_path):
     trigger = report["trigger_recovery"]
     assert trigger["target"] == report["label_detection"]["candidate"]
     assert set(trigger["models"]) == {"unlearned", "original"} and trigger["patch_trigger"] is True
+    assert "IoU, any trained placement" in stdout
     for name in ("predictions.png", "triggers.png"):
         assert Image.open(out / name).size[0] > 200
     assert "<svg" in (out / "predictions.svg").read_text()

@@ -21,7 +21,7 @@ from rnp.attacks import BadNets, Blend
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
 from rnp.detection.exposure import Exposure, expose
 from rnp.detection.trigger_recovery import (MODELS, TriggerComparison, is_patch_trigger,
-                                            mask_iou, mask_mass_on_trigger, recover_on_both,
+                                            mask_iou, mask_mass_on_trigger, placed_iou, recover_on_both,
                                             trigger_success, trigger_tiles, true_trigger_mask)
 from rnp.errors import RnpError
 from rnp.io.figures import image_grid
@@ -150,6 +150,26 @@ def test_mask_scores_refuse_bad_input():
         mask_mass_on_trigger(torch.zeros(4, 4), torch.ones(4, 4))
 
 
+def test_placed_iou_finds_the_copies_training_showed():
+    true = torch.zeros(8, 8)
+    true[6:, 6:] = 1.0  # a 2x2 patch in the bottom-right corner
+    mirrored = torch.zeros(8, 8)
+    mirrored[6:, :2] = 1.0  # where a horizontal flip puts it
+    assert mask_iou(mirrored, true) == 0.0 and placed_iou(mirrored, true) == 1.0
+    assert placed_iou(mirrored, true, flip=False) == 0.0
+    shifted = torch.zeros(8, 8)
+    shifted[3:5, 4:6] = 1.0  # 3 up, 2 left: within a 4-pixel crop
+    assert placed_iou(shifted, true) == 1.0 and placed_iou(shifted, true, shift=2) < 1.0
+    far = torch.zeros(8, 8)
+    far[:2, :2] = 1.0  # 6 up: no crop puts the patch there, mirrored or not
+    assert placed_iou(far, true) == 0.0
+    fragment = torch.zeros(8, 8)
+    fragment[7, 7] = 1.0  # one pixel: a placement cut by the border would match it whole
+    assert placed_iou(fragment, true) == pytest.approx(1 / 7)  # the best full placement holds it: 1 of 4 + 4 - 1
+    with pytest.raises(RnpError):
+        placed_iou(true, torch.zeros(8, 8))
+
+
 def test_mass_on_trigger_counts_the_share_inside_the_region():
     true = torch.zeros(4, 4)
     true[0, :2] = 1.0
@@ -201,14 +221,15 @@ def test_search_on_the_original_model_finds_a_working_trigger(evaluation):
     assert row["reached_threshold"]
 
 
-def test_comparison_runs_both_models_and_reports_every_field(comparison, evaluation, synthetic_backdoor):
+def test_comparison_runs_both_models_and_reports_every_field(comparison, evaluation, synthetic_backdoor, true_mask):
     assert isinstance(comparison, TriggerComparison) and comparison.target == 0
     assert set(comparison.triggers) == set(comparison.seconds) == set(evaluation.rows) == set(MODELS)
     assert not torch.equal(comparison.triggers["unlearned"].mask, comparison.triggers["original"].mask)
     for name in MODELS:
         row, trigger = evaluation.rows[name], comparison.triggers[name]
-        assert set(row) == {"norm", "iou", "mass_on_trigger", "success", "search_success",
+        assert set(row) == {"norm", "iou", "placed_iou", "mass_on_trigger", "success", "search_success",
                             "reached_threshold", "steps", "seconds"}
+        assert row["iou"] <= row["placed_iou"] == placed_iou(trigger.mask, true_mask)
         assert row["norm"] == trigger.norm and row["steps"] == trigger.steps <= BUDGET.steps
         assert row["seconds"] == comparison.seconds[name] > 0
         assert 0 <= row["iou"] <= 1 and 0 <= row["mass_on_trigger"] <= 1 and 0 <= row["success"] <= 1
@@ -227,7 +248,7 @@ def test_without_a_patch_trigger_there_is_no_iou(comparison, synthetic_backdoor)
         evaluation = comparison.evaluate(synthetic_backdoor.test, true_mask)
         assert evaluation.patch_trigger is (None if true_mask is None else False)
         for row in evaluation.rows.values():
-            assert row["iou"] is None and row["mass_on_trigger"] is None
+            assert row["iou"] is None and row["placed_iou"] is None and row["mass_on_trigger"] is None
             assert not math.isnan(row["success"])
 
 

@@ -33,8 +33,8 @@ from rnp.attacks import PoisonedSet
 from rnp.data.images import ImageSet
 from rnp.defenses.neural_cleanse import NeuralCleanse
 from rnp.detection import (SAMPLE_DETECTORS, Strip, TriggerReverseConfig, collapse_map, detect_backdoored_model,
-                           detect_target_label, expose, expose_runs, flag_classes, judge, mask_iou, recover_on_both,
-                           run_summaries, trigger_success, true_trigger_mask)
+                           detect_target_label, expose, expose_runs, flag_classes, judge, mask_iou, placed_iou,
+                           recover_on_both, run_summaries, trigger_success, true_trigger_mask)
 from rnp.detection.poisoned_samples import StripConfig, UnlearnedMargin
 from rnp.detection.sample_scan import SampleScanConfig, scan_samples
 from rnp.detection.trigger_recovery import is_patch_trigger
@@ -147,6 +147,7 @@ def _nc_scan(model, clean: ImageSet, budget: TriggerReverseConfig, test: ImageSe
     return {"candidate": candidate, "flagged": flag_classes(norms, scanner.config.anomaly_threshold),
             "norms": norms, "seconds": seconds, "norm": trigger.norm,
             "iou": mask_iou(trigger.mask, true_mask) if patch else None,
+            "placed_iou": placed_iou(trigger.mask, true_mask) if patch else None,
             "success": trigger_success(model, test, trigger.mask, trigger.pattern, candidate)}
 
 

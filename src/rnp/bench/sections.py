@@ -217,8 +217,8 @@ def _model_score_table(rows: list[dict]) -> str:
 
 
 def _trigger_table(rows: list[dict]) -> str:
-    table = [["subject", "class searched", "mask L1", "IoU", "mass on trigger", "success on original %",
-              "seconds"]]
+    table = [["subject", "class searched", "mask L1", "IoU", "IoU, any trained placement", "mass on trigger",
+              "success on original %", "seconds"]]
 
     def pair(u, o, digits=2):
         return "-" if u is None else f"{u:.{digits}f} / {o:.{digits}f}"
@@ -227,7 +227,7 @@ def _trigger_table(rows: list[dict]) -> str:
         t = r["exposure"]["trigger"]
         u, o = t["models"]["unlearned"], t["models"]["original"]
         table.append([_subject(r), t["target"], pair(u["norm"], o["norm"], 1), pair(u["iou"], o["iou"]),
-                      pair(u["mass_on_trigger"], o["mass_on_trigger"]),
+                      pair(u.get("placed_iou"), o.get("placed_iou")), pair(u["mass_on_trigger"], o["mass_on_trigger"]),
                       pair(100 * u["success"], 100 * o["success"], 1), pair(u["seconds"], o["seconds"], 0)])
     return ("Neural Cleanse's search for the named class, on the unlearned / the original model:\n\n"
             + render_table(table, markdown=True))
@@ -236,8 +236,8 @@ def _trigger_table(rows: list[dict]) -> str:
 def _nc_scan_table(rows: list[dict]) -> str:
     """The exposure's one search on the original model against Neural Cleanse's scan of every
     class at the same budget: the class each picks, its trigger's success and IoU, seconds."""
-    table = [["subject", "true target", "exposure: class / success % / IoU / s",
-              "NC: flagged / class / success % / IoU / s", "NC time / exposure time"]]
+    table = [["subject", "true target", "exposure: class / success % / IoU / placed IoU / s",
+              "NC: flagged / class / success % / IoU / placed IoU / s", "NC time / exposure time"]]
 
     def iou(value):
         return "-" if value is None else f"{value:.2f}"
@@ -249,12 +249,15 @@ def _nc_scan_table(rows: list[dict]) -> str:
         searched = o["seconds"] + e["seconds"]  # the exposure's search plus the unlearning that picked its class
         flagged = ",".join(map(str, scan["flagged"])) or "none"
         table.append([_subject(r), "-" if e["true_target"] is None else e["true_target"],
-                      f"{t['target']} / {100 * o['success']:.1f} / {iou(o['iou'])} / {searched:.0f}",
+                      f"{t['target']} / {100 * o['success']:.1f} / {iou(o['iou'])} / {iou(o.get('placed_iou'))} / "
+                      f"{searched:.0f}",
                       f"{flagged} / {scan['candidate']} / {100 * scan['success']:.1f} / {iou(scan['iou'])} / "
-                      f"{scan['seconds']:.0f}", f"{scan['seconds'] / searched:.1f}"])
+                      f"{iou(scan.get('placed_iou'))} / {scan['seconds']:.0f}", f"{scan['seconds'] / searched:.1f}"])
     return ("Trigger recovery guided by the exposure (one search, for the class the unlearning named, on the "
             "original model; its seconds include the unlearning) against Neural Cleanse's scan of every class "
-            "(same budget, float32; flagged: anomaly index above 2; class: the smallest trigger):\n\n"
+            "(same budget, float32; flagged: anomaly index above 2; class: the smallest trigger; placed IoU: the "
+            "best over the shifted and mirrored copies training showed, rnp.detection.placed_iou; '-' in records "
+            "older than it):\n\n"
             + render_table(table, markdown=True))
 
 

@@ -223,6 +223,10 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _write_figures(figures: dict[str, plots.Figure], out: Path) -> None:
     """Writes each figure as ``out/<stem>.png``, ``.svg`` and ``.csv``; without matplotlib only
     the CSVs, and one line on stderr says how to get the images."""
@@ -354,9 +358,9 @@ def _inspect_summary(report: dict, classes: list[str]) -> str:
               f"{report['exposure']['seconds']:.1f} s"]
     trigger = report.get("trigger_recovery")
     if trigger:
-        rows = [["model", "mask L1", "IoU", "success on original", "steps", "seconds"]]
+        rows = [["model", "mask L1", "IoU", "IoU, any trained placement", "success on original", "steps", "seconds"]]
         for name, row in trigger["models"].items():
-            rows.append([name, f"{row['norm']:.1f}", "-" if row["iou"] is None else f"{row['iou']:.2f}",
+            rows.append([name, f"{row['norm']:.1f}", _fraction(row["iou"]), _fraction(row["placed_iou"]),
                          f"{100 * row['success']:.1f}%", str(row["steps"]), f"{row['seconds']:.1f}"])
         lines += ["", f"Trigger recovery for class {trigger['target']}:", "", render_table(rows, markdown=True)]
     return "\n".join(lines) + "\n"

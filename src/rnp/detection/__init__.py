@@ -12,7 +12,7 @@ from rnp.detection.exposure import (Exposure, LabelDetection, ModelDetection, de
 from rnp.detection.poisoned_samples import (SAMPLE_DETECTORS, ActivationClustering, LossScore,
                                             SpectralSignatures, Strip, UnlearnedMargin)
 from rnp.detection.sample_scan import SampleScan, SampleScanConfig, scan_samples
-from rnp.detection.trigger_recovery import (TriggerComparison, mask_iou, recover_on_both,
+from rnp.detection.trigger_recovery import (TriggerComparison, mask_iou, placed_iou, recover_on_both,
                                             trigger_success, true_trigger_mask)
 from rnp.defenses.trigger_reverse import (RecoveredTrigger, TriggerReverseConfig, apply_trigger, flag_classes,
                                           output_classes, reverse_engineer_trigger)
@@ -23,6 +23,6 @@ __all__ = ["BackdoorVerdict", "Calibration", "CollapseMap", "calibrate", "collap
            "expose", "expose_runs", "run_summaries", "SAMPLE_DETECTORS",
            "ActivationClustering", "LossScore", "SpectralSignatures", "Strip", "UnlearnedMargin",
            "SampleScan", "SampleScanConfig", "scan_samples",
-           "TriggerComparison", "mask_iou", "recover_on_both", "trigger_success", "true_trigger_mask",
+           "TriggerComparison", "mask_iou", "placed_iou", "recover_on_both", "trigger_success", "true_trigger_mask",
            "RecoveredTrigger", "TriggerReverseConfig", "anomaly_indices", "apply_trigger",
            "flag_classes", "output_classes", "reverse_engineer_trigger"]

@@ -20,7 +20,9 @@ The paper publishes neither the protocol nor numbers for this comparison
   recovers a few pixels of a patch that suffice to fire the backdoor; the ``k`` largest pixels
   then include near-zero ones off the patch and the IoU stays low although the mask is right.
   The share of the mask's L1 mass inside the true region (:func:`mask_mass_on_trigger`) is
-  reported beside it and tells the two cases apart;
+  reported beside it and tells the two cases apart. Training with crops and flips shows the
+  model the trigger shifted and mirrored too, so the search may recover one of those copies:
+  :func:`placed_iou` is the best IoU over the placements training used;
 - the recovered trigger's attack success on the ORIGINAL model over held-out images
   (:func:`trigger_success`). The original model is the one deployed; the unlearned model
   already sends most clean images to the target (its predictions collapse there during
@@ -116,6 +118,37 @@ def mask_iou(recovered_mask: torch.Tensor, true_mask: torch.Tensor) -> float:
     return overlap / (2 * k - overlap)
 
 
+def trained_placements(true_mask: torch.Tensor, shift: int = 4, flip: bool = True) -> list[torch.Tensor]:
+    """The regions where training showed the trigger: the true region moved by up to ``shift``
+    pixels along each axis and, with ``flip``, mirrored left to right, as the package's training
+    augmentation (:func:`rnp.data.random_crop_flip`: a crop after 4 pixels of zero padding, then
+    a horizontal flip of half the images) places it. Only placements that keep the whole region
+    inside the image are listed, so a fragment at the border cannot pass for the trigger."""
+    region = _region(true_mask)
+    if not region.any():
+        raise RnpError("the true mask has no pixel above 0.5")
+    height, width = region.shape
+    placements = []
+    for base in (region, region.flip(1)) if flip else (region,):
+        rows, cols = base.nonzero(as_tuple=True)
+        for down in range(-shift, shift + 1):
+            for right in range(-shift, shift + 1):
+                if (0 <= int(rows.min()) + down and int(rows.max()) + down < height
+                        and 0 <= int(cols.min()) + right and int(cols.max()) + right < width):
+                    placements.append(base.roll((down, right), dims=(0, 1)))
+    return placements
+
+
+def placed_iou(recovered_mask: torch.Tensor, true_mask: torch.Tensor, shift: int = 4, flip: bool = True) -> float:
+    """The best :func:`mask_iou` of the recovered mask over the :func:`trained_placements` of the
+    true trigger. A model trained with crops and flips learns the trigger wherever training put
+    it, and Neural Cleanse, which seeks the smallest trigger, may recover any of those copies:
+    on the width-16 BadNets subject its mask sits on the mirror image of the bottom-right patch,
+    in the bottom-left corner, which :func:`mask_iou` scores 0."""
+    return max(mask_iou(recovered_mask, placement.float()) for placement in
+               trained_placements(true_mask, shift, flip))
+
+
 def mask_mass_on_trigger(recovered_mask: torch.Tensor, true_mask: torch.Tensor) -> float:
     """Share of the recovered mask's L1 mass that lies in the true trigger region (true mask
     above 0.5): 1 when the mask stamps only trigger pixels, whatever its size; about the region's
@@ -151,8 +184,8 @@ def trigger_success(model: nn.Module, data: ImageSet, mask: torch.Tensor, patter
 class TriggerEvaluation:
     """Scores of the triggers recovered on each model (see the module docstring).
 
-    ``rows[name]`` for ``name`` in :data:`MODELS` holds ``norm``, ``iou`` and
-    ``mass_on_trigger`` (both None unless the true trigger is a patch), ``success`` (on the
+    ``rows[name]`` for ``name`` in :data:`MODELS` holds ``norm``, ``iou``, ``placed_iou`` and
+    ``mass_on_trigger`` (all None unless the true trigger is a patch), ``success`` (on the
     original model over the evaluation images), ``search_success`` (on the defender's clean
     images during the search, on the searched model), ``reached_threshold``, ``steps`` and ``seconds``.
     """
@@ -195,6 +228,7 @@ class TriggerComparison:
             rows[name] = {
                 "norm": trigger.norm,
                 "iou": mask_iou(trigger.mask, true_mask) if patch else None,
+                "placed_iou": placed_iou(trigger.mask, true_mask) if patch else None,
                 "mass_on_trigger": mask_mass_on_trigger(trigger.mask, true_mask) if patch else None,
                 "success": trigger_success(self.original, data, trigger.mask, trigger.pattern,
                                            self.target),
