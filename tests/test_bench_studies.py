@@ -70,6 +70,7 @@ def test_attack_properties_are_measured_in_the_undefended_cell(studies):
     properties = record["attack_properties"]
     assert properties["mode"] == "all2one" and properties["poisoning"] == "10%"
     assert 0 <= properties["clean_twin_accuracy"] <= 1 and properties["train_seconds"] > 0
+    assert 0 < properties["train_cpu_seconds"]
     assert record["cell"]["attack_properties"] is True
     assert "## Attack properties" in text and "| tiny | preact_resnet18-w4 | badnets | 0 | all2one | 10% |" in text
 

@@ -8,6 +8,7 @@ Same tiny dataset as ``test_cli.py`` (40 training and 20 test 16x16 images, widt
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,32 @@ def test_interrupted_training_says_a_rerun_resumes_and_it_does(data3, tmp_path, 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(epoch_seconds) == ["1", "2"]  # the first session's epoch is kept
     assert min(epoch_seconds.values()) > 0 and metrics["train_seconds"] == pytest.approx(sum(epoch_seconds.values()))
+    cpu_seconds = json.loads((tmp_path / "run" / "epoch_cpu_seconds.json").read_text())
+    assert list(cpu_seconds) == ["1", "2"] and min(cpu_seconds.values()) > 0
+    assert metrics["train_cpu_seconds"] == pytest.approx(sum(cpu_seconds.values()))
+
+
+def test_cpu_seconds_leave_out_waiting_and_need_every_epoch(data3, tmp_path, capsys, monkeypatch):
+    run_epoch, calls = trainer.run_epoch, []
+
+    def waits_then_runs(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # the core held by other work: wall-clock time, no processor time
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_epoch", waits_then_runs)
+    argv = ["train", "--data", data3, "--width", "4", "--epochs", "2", "--batch-size", "16",
+            "--out", tmp_path / "run", "--quiet"]
+    assert run_cli(capsys, *argv)[0] == 130
+    run = tmp_path / "run"
+    wall, cpu = (json.loads((run / name).read_text())["1"] for name in ("epoch_seconds.json", "epoch_cpu_seconds.json"))
+    assert wall - cpu > 0.4
+    (run / "epoch_cpu_seconds.json").unlink()  # epoch 1 as a run begun by code that kept no processor times
+    assert run_cli(capsys, *argv)[0] == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_seconds"] > 1.0 and metrics["train_cpu_seconds"] is None
 
 
 def test_an_interrupted_defense_says_only_interrupted(trained, tmp_path, capsys, monkeypatch):

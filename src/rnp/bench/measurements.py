@@ -96,13 +96,14 @@ def measure_label_runs(run, model, clean: ImageSet, config: LabelRunsConfig, *, 
 
 
 def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> dict:
-    """The attack's poisoning, fitting and training seconds (from the subject's run folder),
-    and its clean twin's clean accuracy."""
+    """The attack's poisoning, fitting and training seconds (from the subject's run folder; the
+    processor seconds too, where every epoch recorded them), and its clean twin's clean accuracy."""
     spec = run.info["attack"]
     return {"mode": spec.get("mode", "all2one"), "poison_rate": spec.get("poison_rate"),
             "poisoning": run.attack.describe_poisoning(),
             "prepare_seconds": metrics.get("attack_prepare_seconds", 0.0),
             "train_seconds": metrics.get("train_seconds") or metrics.get("train_seconds_this_session"),
+            "train_cpu_seconds": metrics.get("train_cpu_seconds"),
             "clean_twin_accuracy": clean_twin_metrics["clean_accuracy"] if clean_twin_metrics else None}
 
 

@@ -59,27 +59,34 @@ def _subject_name(label: dict, many_models: bool) -> str:
     return f"{label['attack']} ({label['model']})" if many_models else label["attack"]
 
 
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def attack_table(records: list[dict]) -> str:
     rows = [r for r in records if "attack_properties" in r]
     if not rows:
         return ""
     table = [["dataset", "model", "attack", "seed", "mode", "poisoning", "CA", "ASR", "RA", "clean twin CA",
-              "CA drop", "takes hold", "attack fit s", "training s"]]
+              "CA drop", "takes hold", "attack fit s", "training s", "training CPU s"]]
     for r in rows:
         label, before, props = r["label"], r["before"], r["attack_properties"]
         twin = props["clean_twin_accuracy"]
         drop = None if twin is None else twin - before["clean_accuracy"]
         holds = "-" if drop is None else ("yes" if before["attack_success_rate"] >= ASR_BAR
                                           and drop <= CA_DROP_BAR else "**no**")
-        train = "-" if props["train_seconds"] is None else f"{props['train_seconds']:.0f}"
+        train, cpu = (_seconds(props.get(key)) for key in ("train_seconds", "train_cpu_seconds"))
         table.append([label["dataset"], label["model"], label["attack"], label["seed"], props["mode"],
                       props["poisoning"], _pct(before["clean_accuracy"]), _pct(before["attack_success_rate"]),
                       _pct(before["robust_accuracy"]), _pct(twin), "-" if drop is None else f"{100 * drop:+.1f}",
-                      holds, f"{props['prepare_seconds']:.0f}", train])
+                      holds, f"{props['prepare_seconds']:.0f}", train, cpu])
     return "\n".join(["## Attack properties", "",
                       f"The undefended subjects. The backdoor takes hold when ASR >= {100 * ASR_BAR:.0f}% and CA "
                       f"drops at most {100 * CA_DROP_BAR:.0f} points below the clean twin (same model and "
-                      "training, no attack).", "", render_table(table, markdown=True)])
+                      "training, no attack). Training seconds are wall-clock over every session it took; "
+                      "CPU seconds are the processor time of its threads, which leaves out the time "
+                      "other work held the cores (-: not recorded by the code that trained it).", "",
+                      render_table(table, markdown=True)])
 
 
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:

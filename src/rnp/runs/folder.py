@@ -40,8 +40,12 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 EPOCH_TIMES_FILE = "epoch_seconds.json"
 """Wall-clock seconds of every training epoch, kept across resumed sessions (a subject of the
 benchmark zoo trains over several), so that a run's total training time is known."""
+EPOCH_CPU_TIMES_FILE = "epoch_cpu_seconds.json"
+"""Processor seconds of every training epoch (all the process's threads), kept like
+:data:`EPOCH_TIMES_FILE`: the cost of a run on a shared machine, where wall-clock seconds also
+count the time other work held the cores."""
 RECORD_FILES = (RUN_FILE, MODEL_FILE, ATTACK_FILE, INDICES_FILE, HOLDOUT_FILE, COVER_FILE, CHECKPOINT_FILE,
-                EPOCH_TIMES_FILE)
+                EPOCH_TIMES_FILE, EPOCH_CPU_TIMES_FILE)
 """The files that make a run (``metrics.json`` aside, a record of measurements): no command
 writes onto any of them in another command's place, whether or not the run has each one."""
 

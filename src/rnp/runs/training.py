@@ -26,8 +26,8 @@ from rnp.io.files import file_sha256, read_json, write_json
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.runs.fingerprint import training_fingerprint
-from rnp.runs.folder import (ATTACK_FILE, CHECKPOINT_FILE, EPOCH_TIMES_FILE, METRICS_FILE, MODEL_FILE,
-                             RUN_FILE, config_dict, load_run, read_run_info, save_model, write_run_files)
+from rnp.runs.folder import (ATTACK_FILE, CHECKPOINT_FILE, EPOCH_CPU_TIMES_FILE, EPOCH_TIMES_FILE, METRICS_FILE,
+                             MODEL_FILE, RUN_FILE, config_dict, load_run, read_run_info, save_model, write_run_files)
 from rnp.training import TrainConfig, train
 from rnp.utils import derive_seed, resolve_device, resolve_precision
 
@@ -106,16 +106,17 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     torch.manual_seed(derive_seed(config.seed, "model-init"))
     model = build_model(**spec)
     start = time.perf_counter()
-    times_file = out / EPOCH_TIMES_FILE
-    epoch_seconds = {int(k): v for k, v in read_json(times_file).items()} if times_file.exists() else {}
-    epoch_start = start
+    epoch_seconds = _read_epoch_times(out / EPOCH_TIMES_FILE)
+    epoch_cpu_seconds = _read_epoch_times(out / EPOCH_CPU_TIMES_FILE)
+    epoch_start, epoch_cpu_start = start, time.process_time()
 
     def on_epoch(epoch, stats):
-        nonlocal epoch_start
-        now = time.perf_counter()
-        epoch_seconds[epoch + 1] = now - epoch_start
-        epoch_start = now
-        write_json(times_file, {str(k): v for k, v in sorted(epoch_seconds.items())})
+        nonlocal epoch_start, epoch_cpu_start
+        now, cpu_now = time.perf_counter(), time.process_time()
+        epoch_seconds[epoch + 1], epoch_cpu_seconds[epoch + 1] = now - epoch_start, cpu_now - epoch_cpu_start
+        epoch_start, epoch_cpu_start = now, cpu_now
+        _write_epoch_times(out / EPOCH_TIMES_FILE, epoch_seconds)
+        _write_epoch_times(out / EPOCH_CPU_TIMES_FILE, epoch_cpu_seconds)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {stats.loss:.4f}, train accuracy {stats.accuracy:.4f}")
 
     history = train(model, train_set, config, checkpoint=out / CHECKPOINT_FILE, progress=progress,
@@ -126,14 +127,28 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
     triggered = attack.triggered_test(data.test) if attack is not None else None
     metrics = evaluate_backdoor(model, data.test, triggered).to_dict()
     save_model(out / MODEL_FILE, model, spec)
-    timed_all = sorted(epoch_seconds) == list(range(1, config.epochs + 1))
+    every_epoch = list(range(1, config.epochs + 1))
     write_json(out / METRICS_FILE, {**metrics, "train_seconds_this_session": seconds,
-                                    "train_seconds": sum(epoch_seconds.values()) if timed_all else None,
+                                    "train_seconds": _total(epoch_seconds, every_epoch),
+                                    "train_cpu_seconds": _total(epoch_cpu_seconds, every_epoch),
                                     "attack_prepare_seconds": prepare_seconds,
                                     "train_loss": history[-1].loss, "train_accuracy": history[-1].accuracy,
                                     "device": str(device)})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return out
+
+
+def _read_epoch_times(path: Path) -> dict[int, float]:
+    return {int(k): v for k, v in read_json(path).items()} if path.exists() else {}
+
+
+def _write_epoch_times(path: Path, seconds: dict[int, float]) -> None:
+    write_json(path, {str(k): v for k, v in sorted(seconds.items())})
+
+
+def _total(seconds: dict[int, float], epochs: list[int]):
+    """The seconds of all ``epochs``, or None when some were not timed (a run begun by older code)."""
+    return sum(seconds.values()) if sorted(seconds) == epochs else None
 
 
 def _reference_model(attack, reference_run, checksum: str, cache_dir):
