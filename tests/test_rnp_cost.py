@@ -12,7 +12,6 @@ from rnp import RNP
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.defenses import prune_channels
 from rnp.errors import RnpError
-from rnp.metrics import accuracy
 from rnp.training import predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,18 +84,19 @@ def test_floor_refuses_a_nonpositive_image_count(synthetic_backdoor):
 
 
 def reference_auto_count(original, clean, scores, order, tolerance, max_fraction):
-    """The auto rule written plainly: a fresh pruned copy and a full predict per candidate."""
-    def clean_accuracy(count):
+    """The auto rule written plainly: a fresh pruned copy and a full predict per candidate, the
+    cost in images."""
+    def correct(count):
         model = prune_channels(copy.deepcopy(original), scores, order[:count])
-        return accuracy(predict(model, clean), clean.labels)
+        return int((predict(model, clean) == clean.labels).sum())
 
-    base = clean_accuracy(0)
+    base, allowed = correct(0), int(tolerance * len(clean) + 1e-9)
     low, high, evaluated = 0, max(1, int(max_fraction * len(scores))), {0: base}
     while low < high:
         middle = (low + high + 1) // 2
-        evaluated[middle] = clean_accuracy(middle)
-        low, high = (middle, high) if evaluated[middle] >= base - tolerance else (low, middle - 1)
-    return low, evaluated
+        evaluated[middle] = correct(middle)
+        low, high = (middle, high) if evaluated[middle] >= base - allowed else (low, middle - 1)
+    return low, {k: v / len(clean) for k, v in evaluated.items()}
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.02, 0.1])
@@ -111,6 +111,36 @@ def test_auto_rule_chooses_what_the_reference_chooses_and_restores_the_model(res
     assert count == expected
     assert selection["evaluated"] == {str(k): v for k, v in sorted(evaluated.items())}
     assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+
+
+@pytest.mark.parametrize("tolerance, allowed", [(0.02, 10), (0.1, 50), (0.014, 7)])
+def test_auto_rule_keeps_a_cost_of_exactly_the_tolerance(monkeypatch, tolerance, allowed):
+    # 500 clean images, 490 right unpruned (Trojan's clean set 1 at width 32), and each pruned
+    # channel costs one image: the rule must stop at exactly the images the tolerance allows,
+    # where rounded accuracies (0.96 against 0.98 - 0.02) fall short
+    import contextlib
+
+    import rnp.defenses.rnp as rnp_module
+
+    labels = torch.zeros(500, dtype=torch.long)
+
+    @contextlib.contextmanager
+    def pruned(model, scores, channels):
+        yield len(channels)
+
+    def predict_pruned(count, clean, **kwargs):
+        predictions = labels.clone()
+        predictions[:count] = 1
+        predictions[-10:] = 1
+        return predictions
+
+    monkeypatch.setattr(rnp_module, "channels_pruned", pruned)
+    monkeypatch.setattr(rnp_module, "predict", predict_pruned)
+    clean, scores = SimpleNamespace(labels=labels), torch.zeros(200)
+    defense = RNP(**{**FAST, "tolerance": tolerance, "max_prune_fraction": 1.0})
+    count, selection = defense.choose_pruning(None, clean, scores, torch.arange(200), "cpu")
+    assert count == allowed
+    assert selection["clean_accuracy_before"] - selection["clean_accuracy_after"] == pytest.approx(allowed / 500)
 
 
 def test_fit_prunes_the_reference_count_in_the_original(result, synthetic_backdoor):

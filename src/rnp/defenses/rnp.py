@@ -73,7 +73,6 @@ from rnp.defenses.masks import (ChannelScores, MaskSet, channels_pruned, maskabl
                                 prune_channels)
 from rnp.defenses.rnp_options import average_masks, exposure_curve, rank_agreement, repair, target_gradient
 from rnp.errors import RnpError
-from rnp.metrics.backdoor import accuracy
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
@@ -491,7 +490,9 @@ class RNP(RemovalDefense):
     def _auto_count(self, original, clean, scores, order, device) -> tuple[int, dict]:
         """The largest prefix of ``order`` whose pruning costs at most ``tolerance`` of
         accuracy on the defender's clean images, found by bisection (accuracy falls, roughly
-        monotonically, as more channels go).
+        monotonically, as more channels go). The cost is counted in images, so that one of
+        exactly the tolerance (10 of 500 images at 0.02) is within it: as a difference of
+        rounded accuracies it could land either side.
 
         Each candidate is pruned in place on ``original`` and restored exactly afterwards (no
         copy of the model per candidate), and evaluated in batches of ``batch_size``: on the
@@ -501,25 +502,27 @@ class RNP(RemovalDefense):
         """
         cfg = self.config
 
-        def clean_accuracy(count: int) -> float:
+        def correct(count: int) -> int:
             with channels_pruned(original, scores, order[:count]) as model:
                 predictions = predict(model, clean, batch_size=cfg.batch_size, device=device)
-            return accuracy(predictions, clean.labels)
+            return int((predictions == clean.labels).sum())
 
-        base = clean_accuracy(0)
+        images = len(clean.labels)
+        allowed = math.floor(cfg.tolerance * images + 1e-9)  # images the pruning may cost
+        base = correct(0)
         cap = max(1, int(cfg.max_prune_fraction * len(scores)))
         low, high = 0, cap
         evaluated = {0: base}
         while low < high:
             middle = (low + high + 1) // 2
-            evaluated[middle] = clean_accuracy(middle)
-            if evaluated[middle] >= base - cfg.tolerance:
+            evaluated[middle] = correct(middle)
+            if evaluated[middle] >= base - allowed:
                 low = middle
             else:
                 high = middle - 1
-        selection = {"rule": "auto", "tolerance": cfg.tolerance, "clean_accuracy_before": base,
-                     "clean_accuracy_after": evaluated[low],
-                     "evaluated": {str(k): v for k, v in sorted(evaluated.items())}}
+        selection = {"rule": "auto", "tolerance": cfg.tolerance, "clean_accuracy_before": base / images,
+                     "clean_accuracy_after": evaluated[low] / images,
+                     "evaluated": {str(k): v / images for k, v in sorted(evaluated.items())}}
         if low == cap < len(scores):
             selection["warning"] = (f"the auto rule stopped at its cap of {cap} of {len(scores)} "
                                     f"channels (max_prune_fraction {cfg.max_prune_fraction}), still "
