@@ -93,6 +93,24 @@ def test_keep_older_counts_a_cell_of_older_code_as_done(data, tmp_path, monkeypa
     assert len(again.computed) == 1
 
 
+@pytest.mark.parametrize("newer_name", ["00000000000000aa.json", "ffffffffffffffaa.json"])
+def test_keep_older_takes_the_record_started_last_of_the_same_settings(data, tmp_path, monkeypatch, newer_name):
+    first = run(small_grid(data), tmp_path)
+    cells = tmp_path / "out" / "cells"
+    record = json.loads((cells / f"{first.records[0]['key']}.json").read_text())
+    assert record["started_at"].endswith("+00:00")
+    (cells / f"{record['key']}.json").unlink()
+    copies = ((newer_name, "2026-12-07T01:00:00+00:00"), ("8888888888888888.json", "2026-12-06T23:00:00+00:00"),
+              ("7777777777777777.json", None))  # None: a record from before started_at
+    for name, started in copies:
+        older = {**record, "key": name[:-5], "started_at": started}
+        (cells / name).write_text(json.dumps({k: v for k, v in older.items() if v is not None}))
+    monkeypatch.setattr(grid_module, "package_fingerprint", lambda: "0ther0code000")
+    kept = run_grid(small_grid(data), tmp_path / "out", cache=tmp_path / "models", keep_older=True,
+                    log=lambda line: None)
+    assert kept.computed == [] and [r["key"] for r in kept.records] == [newer_name[:-5]]
+
+
 def new_training_code(monkeypatch) -> str:
     """Makes the code look edited (training fingerprint "newtraining0"); the old fingerprint."""
     old = fingerprint.training_fingerprint()

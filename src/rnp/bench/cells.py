@@ -16,6 +16,7 @@ import logging
 import platform
 import statistics
 import time
+from datetime import datetime, timezone
 
 import torch
 
@@ -71,7 +72,7 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
               "data_spec": cell.subject.data_spec, "subject_run": run_dir, "subject_code": subject_code(run_dir),
               "clean_indices": indices.tolist(), "environment": _environment(device),
-              "before": before.to_dict()}
+              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "before": before.to_dict()}
     try:
         with PeakMemory(device) as peak:
             runs = [_timed_defense(cell, model, clean, device) for _ in range(cell.repeats)]

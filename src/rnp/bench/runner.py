@@ -69,12 +69,15 @@ def finished_records(grid: Grid, out, data_cache: str | None = None, device: str
 def _records(cells: list[Cell], out, *, older: bool) -> dict[str, dict]:
     """The records in ``out`` of those ``cells`` that have one, by cell key in the cells' order;
     with ``older``, a cell without a record of this code takes one of the same settings
-    computed by other code."""
+    computed by other code: the one started last (records from before ``started_at`` existed
+    count as earliest, among themselves in file-name order)."""
     by_setting = {}
     if older:
         for path in sorted((Path(out) / CELLS_FOLDER).glob("*.json")):
             record = read_json(path)
-            by_setting.setdefault(_setting_key(record["cell"]), record)
+            setting = _setting_key(record["cell"])
+            if setting not in by_setting or _started(record) > _started(by_setting[setting]):
+                by_setting[setting] = record
     records = {}
     for cell in cells:
         path = cell_path(out, cell.key)
@@ -82,6 +85,10 @@ def _records(cells: list[Cell], out, *, older: bool) -> dict[str, dict]:
         if record is not None:
             records[cell.key] = record
     return records
+
+
+def _started(record: dict) -> str:
+    return record.get("started_at", "")  # ISO 8601 in UTC: text order is time order
 
 
 def _setting_key(description: dict) -> str:
