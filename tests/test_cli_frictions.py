@@ -88,18 +88,26 @@ def test_a_defense_prints_its_estimate(trained, tmp_path, capsys):
     assert "(recover: 2 epochs x 5 steps at " in err
 
 
-def test_interrupted_training_says_a_rerun_resumes_and_it_does(data3, tmp_path, capsys, monkeypatch):
+def interrupt_epoch_two(monkeypatch, data, out, *, wait: float = 0.0) -> list:
+    """Makes `rnp train` (2 epochs into ``out``) stop with Ctrl-C as its second epoch begins,
+    each epoch first spending ``wait`` seconds asleep (the core held by other work: wall-clock
+    time, no processor time); returns the command's arguments, to rerun it."""
     run_epoch, epochs = trainer.run_epoch, []
 
     def interrupted_in_epoch_two(*args, **kwargs):
         epochs.append(1)
+        time.sleep(wait)
         if len(epochs) == 2:
             raise KeyboardInterrupt
         return run_epoch(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "run_epoch", interrupted_in_epoch_two)
-    argv = ["train", "--data", data3, "--width", "4", "--epochs", "2", "--batch-size", "16",
-            "--out", tmp_path / "run", "--quiet"]
+    return ["train", "--data", data, "--width", "4", "--epochs", "2", "--batch-size", "16", "--out", out, "--quiet"]
+
+
+def test_interrupted_training_says_a_rerun_resumes_and_it_does(data3, tmp_path, capsys, monkeypatch):
+    run_epoch = trainer.run_epoch
+    argv = interrupt_epoch_two(monkeypatch, data3, tmp_path / "run")
     code, _, err = run_cli(capsys, *argv)
     assert code == 130
     assert err.splitlines()[-1] == "rnp: interrupted: rerun the same command to resume"
@@ -119,18 +127,7 @@ def test_interrupted_training_says_a_rerun_resumes_and_it_does(data3, tmp_path, 
 
 
 def test_cpu_seconds_leave_out_waiting_and_need_every_epoch(data3, tmp_path, capsys, monkeypatch):
-    run_epoch, calls = trainer.run_epoch, []
-
-    def waits_then_runs(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.5)  # the core held by other work: wall-clock time, no processor time
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "run_epoch", waits_then_runs)
-    argv = ["train", "--data", data3, "--width", "4", "--epochs", "2", "--batch-size", "16",
-            "--out", tmp_path / "run", "--quiet"]
+    argv = interrupt_epoch_two(monkeypatch, data3, tmp_path / "run", wait=0.5)
     assert run_cli(capsys, *argv)[0] == 130
     run = tmp_path / "run"
     wall, cpu = (json.loads((run / name).read_text())["1"] for name in ("epoch_seconds.json", "epoch_cpu_seconds.json"))
