@@ -131,7 +131,7 @@ def test_cpu_seconds_leave_out_waiting_and_need_every_epoch(data3, tmp_path, cap
     assert run_cli(capsys, *argv)[0] == 130
     run = tmp_path / "run"
     wall, cpu = (json.loads((run / name).read_text())["1"] for name in ("epoch_seconds.json", "epoch_cpu_seconds.json"))
-    assert wall - cpu > 0.4
+    assert wall - cpu > 0.3  # 0.5 s asleep; margin for the epoch's own overhead
     (run / "epoch_cpu_seconds.json").unlink()  # epoch 1 as a run begun by code that kept no processor times
     assert run_cli(capsys, *argv)[0] == 0
     metrics = json.loads((run / "metrics.json").read_text())
