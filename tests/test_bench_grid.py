@@ -78,6 +78,7 @@ def test_every_cell_is_recorded_with_what_reruns_it(finished, data):
         assert cell["data_checksum"] and cell["rnp_version"] and cell["subject"]["seed"] == 0
         assert cell["attack_spec"]["name"] == "badnets" and cell["train_config"]["epochs"] == 1
         assert len(r["clean_indices"]) == 20 and r["environment"]["device"] == "cpu"
+        assert r["environment"]["cpu_capability"] and r["environment"]["device_name"]
         assert r["peak_memory_mb"] > 0 and set(r["retuning"]["asr"]) == {"1", "2"}
     by_defense = {r["label"]["defense"]: r for r in rows}
     assert by_defense["rnp"]["cell"]["defense_config"]["recover_epochs"] == 3
@@ -94,6 +95,7 @@ def test_record_metrics_are_the_evaluation_of_the_subject(finished):
     run = load_run(record["subject_run"])
     direct = evaluate_backdoor(run.model, run.data.test, run.triggered_test())
     assert record["before"] == direct.to_dict()
+    assert {r["subject_weights"] for r in records(out)} == {cells_module._digest(run.model)}  # not the defended
 
 
 def test_rnp_cell_keeps_masks_and_an_oracle_pruning_curve(finished):
@@ -104,6 +106,10 @@ def test_rnp_cell_keeps_masks_and_an_oracle_pruning_curve(finished):
     pruned = [point["pruned"] for point in rnp["curve"]]
     assert pruned == sorted(pruned) and pruned[-1] > pruned[0]
     assert rnp["floor_seconds"] > 0 and rnp["floor_ratio"] > 0
+    selection = rnp["selection"]
+    assert selection["rule"] == "auto" and len(selection["channels"]) == rnp["pruned"]
+    assert selection["evaluated"]["0"] == selection["clean_accuracy_before"]
+    assert selection["evaluated"][str(rnp["pruned"])] == selection["clean_accuracy_after"]
 
 
 def test_report_files(finished):

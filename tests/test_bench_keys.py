@@ -220,10 +220,22 @@ def test_the_report_says_when_records_mix_code():
         return {"cell": {"code": code}, "subject_code": {"training_code": training, "adopted": adopted}}
 
     same = [record("aaa", "ttt"), record("aaa", "ttt")]
-    assert code_note(same) == "Code: cells by package aaa; subjects by training code ttt."
+    assert code_note(same) == "Code: cells by package aaa; subjects by training code ttt. Processors: unknown."
     mixed = code_note([record("aaa", "ttt"), record("bbb", "ttt")])
     assert mixed.startswith("**Warning") and "aaa (1 cells), bbb (1 cells)" in mixed
     assert "unknown" in code_note([{"cell": {}, "key": "old record"}])
+
+
+def test_the_report_names_processors_and_warns_when_a_subject_was_retrained():
+    def record(weights, processor="AMD EPYC", run="/cache/zoo/abc-ttt"):
+        return {"cell": {"code": "aaa"}, "subject_code": {"training_code": "ttt"}, "subject_run": run,
+                "environment": {"device_name": processor}, **({"subject_weights": weights} if weights else {})}
+
+    same = code_note([record("w1"), record("w1", "Intel Xeon"), record(None), record("w2", run="/z/other-ttt")])
+    assert "Processors: AMD EPYC (3 cells), Intel Xeon (1 cells)." in same and "Warning" not in same
+    retrained = code_note([record("w1"), record("w2", "Intel Xeon"), record("w3", run="/z/other-ttt")])
+    assert "**Warning: the cells of abc-ttt rest on different trained weights**" in retrained
+    assert "other-ttt" not in retrained
 
 
 def test_one_process_trains_the_subjects_while_another_defends_those_finished(data, tmp_path):

@@ -38,7 +38,7 @@ from rnp.metrics import BackdoorMetrics, der, evaluate_backdoor
 from rnp.metrics.backdoor import accuracy
 from rnp.runs.folder import METRICS_FILE, MODEL_FILE, load_model, load_run, read_run_info
 from rnp.training.evaluate import predict
-from rnp.utils import generator_for
+from rnp.utils import fast_bfloat16_cpu, generator_for
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     before = subject["before"]
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
               "data_spec": cell.subject.data_spec, "subject_run": run_dir, "subject_code": subject_code(run_dir),
-              "clean_indices": indices.tolist(), "environment": _environment(device),
+              "subject_weights": _digest(model), "clean_indices": indices.tolist(), "environment": _environment(device),
               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "before": before.to_dict()}
     try:
         with PeakMemory(device) as peak:
@@ -124,7 +124,8 @@ def _median_stages(results: list[DefenseResult]) -> dict:
 
 
 def _digest(model) -> str:
-    """The defended model's weights, hashed: repeats of a cell must agree on them."""
+    """A model's weights, hashed: repeats of a cell must agree on them, and the cells of one
+    subject must rest on the same trained weights (a subject retrained elsewhere may differ)."""
     sha = hashlib.sha256()
     for tensor in model.state_dict().values():
         sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -180,9 +181,12 @@ def _rnp_details(cell: Cell, result, subject: dict, device) -> dict:
     """Mask values (for histograms) and the pruning curve: test CA and ASR on a seeded subset
     of ``curve_images`` test images after pruning at each mask threshold. The curve is an
     ORACLE ANALYSIS: it uses test labels and triggered test images, which a defender does not
-    have, and chooses nothing."""
-    details = {"masks": [round(float(v), 4) for v in result.masks.values],
-               "pruned": result.report["pruning"]["pruned"]}
+    have, and chooses nothing. ``selection`` is what the pruning rule saw and chose from (the
+    auto rule's clean accuracy at each prefix it evaluated) and the channels it pruned, so that
+    a record can say how close a rule's decision was without rerunning it."""
+    pruning = result.report["pruning"]
+    details = {"masks": [round(float(v), 4) for v in result.masks.values], "pruned": pruning["pruned"],
+               "selection": {k: v for k, v in pruning.items() if k not in ("pruned", "total_channels")}}
     if cell.curve_images:
         test, triggered = subject["run"].data.test, subject["triggered"].data
         generator = generator_for(cell.subject.seed, "pruning-curve")
@@ -262,12 +266,29 @@ def _labels(cell: Cell) -> dict:
 
 
 def _environment(device) -> dict:
+    """Where the cell ran. The processor and its vector instructions matter: bfloat16 kernels
+    differ between instruction sets, so the same seeds can train or defend differently on
+    another processor."""
     return {"rnp_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "device_name": _device_name(device),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bfloat16": fast_bfloat16_cpu(),
             "threads": torch.get_num_threads(), "host": platform.node()}
 
 
 def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return _processor_name()
+
+
+def _processor_name() -> str:
+    """The CPU's model name as Linux reports it (``platform.processor()`` says only x86_64
+    there), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()

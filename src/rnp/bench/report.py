@@ -141,14 +141,33 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
 def code_note(records: list[dict]) -> str:
     """Which code computed the records: the package fingerprints of the cells and the training
     fingerprints of their subjects, with a warning when either mixes or a subject's training
-    code is not known for sure (trained before fingerprints, and adopted)."""
+    code is not known for sure (trained before fingerprints, and adopted); the processors that
+    computed them (seconds compare only within one); and a warning when the cells of one subject
+    rest on different trained weights (retrained elsewhere: bfloat16 kernels differ between
+    processors)."""
     cells = Counter(r["cell"].get("code") or "unknown" for r in records)
     subjects = Counter(_subject_code(r) for r in records)
-    text = f"Code: cells by package {_counted(cells)}; subjects by training code {_counted(subjects)}."
+    processors = Counter((r.get("environment") or {}).get("device_name") or "unknown" for r in records)
+    text = (f"Code: cells by package {_counted(cells)}; subjects by training code {_counted(subjects)}. "
+            f"Processors: {_counted(processors)}.")
     if len(cells) > 1 or len(subjects) > 1 or any("unknown" in k or "adopted" in k for k in subjects):
-        return ("**Warning: these records mix code versions or rest on subjects whose training code "
+        text = ("**Warning: these records mix code versions or rest on subjects whose training code "
                 "is not recorded**; rows from different code may not compare. " + text)
+    retrained = _retrained_subjects(records)
+    if retrained:
+        text += (f" **Warning: the cells of {', '.join(retrained)} rest on different trained weights** "
+                 "(the subject was retrained, e.g. on another processor); their rows may not compare.")
     return text
+
+
+def _retrained_subjects(records: list[dict]) -> list[str]:
+    """The subjects (cache folder names) whose records name more than one weights digest;
+    records from before digests were kept name none and count for nothing here."""
+    digests = defaultdict(set)
+    for record in records:
+        if record.get("subject_weights"):
+            digests[Path(record["subject_run"]).name].add(record["subject_weights"])
+    return sorted(name for name, seen in digests.items() if len(seen) > 1)
 
 
 def _subject_code(record: dict) -> str:
