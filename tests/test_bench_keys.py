@@ -227,15 +227,20 @@ def test_the_report_says_when_records_mix_code():
 
 
 def test_the_report_names_processors_and_warns_when_a_subject_was_retrained():
-    def record(weights, processor="AMD EPYC", run="/cache/zoo/abc-ttt"):
+    def record(weights, processor="AMD EPYC", run="/cache/zoo/abc-ttt", accuracy=0.9):
         return {"cell": {"code": "aaa"}, "subject_code": {"training_code": "ttt"}, "subject_run": run,
-                "environment": {"device_name": processor}, **({"subject_weights": weights} if weights else {})}
+                "environment": {"device_name": processor}, "before": {"clean_accuracy": accuracy,
+                                                                      "attack_success_rate": 1.0},
+                **({"subject_weights": weights} if weights else {})}
 
-    same = code_note([record("w1"), record("w1", "Intel Xeon"), record(None), record("w2", run="/z/other-ttt")])
+    same = code_note([record("w1"), record("w1", "Intel Xeon"), record(None),
+                      record("w2", run="/z/other-ttt", accuracy=0.8)])
     assert "Processors: AMD EPYC (3 cells), Intel Xeon (1 cells)." in same and "Warning" not in same
+    warning = "**Warning: the cells of abc-ttt rest on different trained weights**"
     retrained = code_note([record("w1"), record("w2", "Intel Xeon"), record("w3", run="/z/other-ttt")])
-    assert "**Warning: the cells of abc-ttt rest on different trained weights**" in retrained
-    assert "other-ttt" not in retrained
+    assert warning in retrained and "other-ttt" not in retrained
+    older = code_note([record(None), record(None, accuracy=0.91), record(None, run="/z/other-ttt")])
+    assert warning in older and "other-ttt" not in older  # records without hashes: their CA differs
 
 
 def test_one_process_trains_the_subjects_while_another_defends_those_finished(data, tmp_path):

@@ -156,18 +156,27 @@ def code_note(records: list[dict]) -> str:
     retrained = _retrained_subjects(records)
     if retrained:
         text += (f" **Warning: the cells of {', '.join(retrained)} rest on different trained weights** "
-                 "(the subject was retrained, e.g. on another processor); their rows may not compare.")
+                 "(their hashes or the undefended CA / ASR differ: the subject was retrained, e.g. on "
+                 "another processor); their rows may not compare.")
     return text
 
 
 def _retrained_subjects(records: list[dict]) -> list[str]:
-    """The subjects (cache folder names) whose records name more than one weights digest;
-    records from before digests were kept name none and count for nothing here."""
-    digests = defaultdict(set)
+    """The subjects (cache folder names) whose records disagree on the trained weights: on
+    their hash (records from before it name none) or on the undefended model's CA and ASR,
+    which every record keeps (a retrained model that matches those to the last image is
+    unlikely)."""
+    seen = defaultdict(lambda: (set(), set()))
     for record in records:
+        if "subject_run" not in record:
+            continue
+        digests, befores = seen[Path(record["subject_run"]).name]
         if record.get("subject_weights"):
-            digests[Path(record["subject_run"]).name].add(record["subject_weights"])
-    return sorted(name for name, seen in digests.items() if len(seen) > 1)
+            digests.add(record["subject_weights"])
+        before = record.get("before") or {}
+        if "clean_accuracy" in before:
+            befores.add((before["clean_accuracy"], before.get("attack_success_rate")))
+    return sorted(name for name, (digests, befores) in seen.items() if len(digests) > 1 or len(befores) > 1)
 
 
 def _subject_code(record: dict) -> str:
