@@ -233,6 +233,9 @@ def test_a_defense_that_does_not_apply_is_a_finished_cell(data, tmp_path):
     ({"seeds": [0.5]}, "'seeds' takes integers"),
     ({"name": ["x"]}, "'name' takes a non-empty string"),
     ({"output": 7}, "'output' takes a non-empty string"),
+    ({"development": ["blend"]}, "development names attacks the grid does not have: blend; its attacks: badnets"),
+    ({"development": "badnets"}, "'development' must be a list"),
+    ({"reference": "rpn"}, "reference 'rpn' is not a defense row of the grid; its rows: none, ft, rnp"),
 ])
 def test_grid_mistakes_are_one_line_errors(data, change, message):
     with pytest.raises(RnpError, match=message) as error:
@@ -245,6 +248,12 @@ def test_grid_values_of_the_right_types_are_kept(data, tmp_path):
                                 attacks=[{"name": "badnets", "size": 2}], output=str(tmp_path / "o")))
     assert grid.reduced_attacks is False and grid.train["lr"] == 1 and grid.attacks == [("badnets", {"size": 2})]
     assert grid.output == str(tmp_path / "o")
+    attacks = ["badnets", {"name": "badnets", "mode": "all2all"}]
+    compared = parse_grid(grid_dict(data, attacks=attacks, development=["badnets,mode=all2all"], reference="ft"))
+    assert compared.development == ("badnets,mode=all2all",) and compared.reference == "ft"
+    assert parse_grid(grid_dict(data, defenses={"none": {}, "ft": FT_FAST})).reference == "rnp"  # absent: no table
+    plain = parse_grid(grid_dict(data, attacks=attacks))
+    assert [c.key for c in compared.cells({"tiny": "sum"})] == [c.key for c in plain.cells({"tiny": "sum"})]
 
 
 def test_a_grid_file_is_checked_whole_before_any_work(data, tmp_path, capsys):

@@ -72,7 +72,7 @@ NO_ATTACK = "none"
 GRID_KEYS = {"name", "datasets", "models", "train", "attacks", "poison_rates", "seeds", "defenses",
              "clean_size", "retuning", "curve_images", "reduced_attacks", "cache", "data_cache", "output",
              "clean_seeds", "repeats", "prune_counts", "attack_properties", "exposure", "cost_floor",
-             "label_runs", "recalibration"}
+             "label_runs", "recalibration", "development", "reference"}
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,11 @@ class Grid:
     label_runs: LabelRunsConfig | None = None
     cost_floor: bool = True
     recalibration: bool = False
+    development: tuple[str, ...] = ()
+    """Attack labels the grid's settings were chosen on; the report compares defenses on them
+    apart from the rest (held back). Not part of any cell's key."""
+    reference: str = "rnp"
+    """The defense row every other is compared with on the same cells (the report's comparison)."""
 
     def subjects(self) -> list[Subject]:
         return [Subject(name, spec, model["arch"], model.get("width", 16), attack, _attack_params(params),
@@ -323,9 +328,25 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
         exposure=_measurement(ExposureConfig, raw.get("exposure"), "exposure"),
         label_runs=_measurement(LabelRunsConfig, raw.get("label_runs"), "label_runs"),
         cost_floor=_bool(raw.get("cost_floor", True), "cost_floor"),
-        recalibration=_bool(raw.get("recalibration", False), "recalibration"))
+        recalibration=_bool(raw.get("recalibration", False), "recalibration"),
+        development=tuple(_text(a, "development") for a in _list(raw.get("development", []), "development")),
+        reference=_text(raw.get("reference", "rnp"), "reference"))
     _check_measurements(grid)
+    _check_comparison(grid, explicit_reference="reference" in raw)
     return grid
+
+
+def _check_comparison(grid: Grid, explicit_reference: bool) -> None:
+    """The development attacks are the grid's, by the labels the report prints, and a reference
+    given is one of its defense rows (the default, "rnp", may be absent: no comparison then)."""
+    if explicit_reference and grid.reference not in grid.defenses:
+        raise RnpError(f"reference {grid.reference!r} is not a defense row of the grid; its rows: "
+                       f"{', '.join(grid.defenses)}")
+    labels = {subject.label for subject in grid.subjects()}
+    unknown = [a for a in grid.development if a not in labels]
+    if unknown:
+        raise RnpError(f"development names attacks the grid does not have: {', '.join(unknown)}; "
+                       f"its attacks: {', '.join(sorted(labels))}")
 
 
 def _row_clean_seeds(raw) -> dict[str, list[int]]:

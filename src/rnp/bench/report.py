@@ -15,6 +15,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from rnp.bench.comparison import comparison_table
 from rnp.bench.grid import NO_DEFENSE
 from rnp.bench.published import SOURCES
 from rnp.bench.sections import study_sections
@@ -25,12 +26,14 @@ from rnp.io.tables import csv_text, render_table
 METRICS = (("CA", "clean_accuracy"), ("ASR", "attack_success_rate"), ("RA", "robust_accuracy"))
 
 
-def write_report(records: list[dict], out, *, title: str, compare: bool = False) -> str:
+def write_report(records: list[dict], out, *, title: str, compare: bool = False, reference: str = "rnp",
+                 development: tuple[str, ...] = ()) -> str:
     """Writes the report files into ``out`` and returns the Markdown text. Without matplotlib
-    the figures are only their CSVs (see :func:`rnp.io.plots.write_figure`)."""
+    the figures are only their CSVs (see :func:`rnp.io.plots.write_figure`). ``reference`` and
+    ``development`` shape the comparison of defenses (:mod:`rnp.bench.comparison`)."""
     out = Path(out)
     write_text(out / "results.csv", results_csv(records))
-    text = markdown(records, title=title, compare=compare)
+    text = markdown(records, title=title, compare=compare, reference=reference, development=development)
     write_text(out / "results.md", text)
     for stem, figure in figures(records).items():
         write_figure(figure, out / stem)
@@ -107,8 +110,10 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
-    """The cell table, the means per defense, RNP's cost, and (``compare``) published numbers."""
+def markdown(records: list[dict], *, title: str, compare: bool = False, reference: str = "rnp",
+             development: tuple[str, ...] = ()) -> str:
+    """The cell table, the means per defense, the defenses against ``reference`` on the same
+    cells, RNP's cost, and (``compare``) published numbers."""
     epochs = _retuning_epochs(records)
     recalibration = _recalibration_columns(records)
     rows = [["dataset", "model", "attack", "seed", "defense", "CA", "ASR", "RA", "DER", "seconds", "peak MB",
@@ -128,6 +133,9 @@ def markdown(records: list[dict], *, title: str, compare: bool = False) -> str:
              "seconds: the defense alone; peak MB: " + _memory_kinds(records) + ".", "",
              code_note(records), "", render_table(rows, markdown=True), "",
              means_table(records, epochs, recalibration)]
+    comparison = comparison_table(records, reference=reference, development=development)
+    if comparison:
+        lines += ["", comparison]
     cost = cost_table(records)
     if cost:
         lines += ["", cost]

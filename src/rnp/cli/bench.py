@@ -48,7 +48,8 @@ def _bench(grid, path: str, args) -> int:
               f"{len(failures)} failed{skipped}, in {run.seconds:.0f} s", file=sys.stderr)
         if args.defenses or args.subjects:  # the report covers the whole grid, not the part run
             records = finished_records(grid, out, data_cache, str(device))
-    text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare)
+    text = write_report(records, out, title=f"Benchmark grid {grid.name}", compare=args.compare,
+                        reference=grid.reference, development=grid.development)
     print(text)
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, cells in {out / 'cells'}", file=sys.stderr)
     if not plots.available():

@@ -1,0 +1,50 @@
+"""The report's comparison of each defense with a reference row on the same cells."""
+
+from rnp.bench.comparison import comparison_table
+
+
+def record(defense, attack, der, clean_seed=None, ca=(0.9, 0.88), asr=0.01, status="ok"):
+    label = {"dataset": "d", "model": "m", "attack": attack, "seed": 0, "defense": defense,
+             **({} if clean_seed is None else {"clean_seed": clean_seed})}
+    return {"label": label, "status": status, "der": der, "before": {"clean_accuracy": ca[0]},
+            "after": {"clean_accuracy": ca[1], "attack_success_rate": asr}}
+
+
+def rows(table: str) -> dict[tuple, list[str]]:
+    lines = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    return {(cells[0].strip(), cells[1].strip()): [c.strip() for c in cells[2:]] for cells in lines[1:]}
+
+
+RECORDS = [
+    record("none", "badnets", 0.5),
+    record("rnp", "badnets", 0.98, clean_seed=0), record("rnp", "badnets", 0.90, clean_seed=1),
+    record("rnp", "blend", 0.96, clean_seed=0), record("rnp", "trojan", 0.60, clean_seed=0),
+    record("tsbd", "badnets", 0.97), record("tsbd", "blend", 0.99),   # clean set: the subject's seed, 0
+    record("tsbd", "trojan", 0.70, asr=0.2, ca=(0.9, 0.8)), record("nc", "sig", 0.8),
+    record("nft", "blend", None, status="not_applicable"),
+]
+
+
+def test_each_defense_is_paired_with_the_reference_on_the_same_clean_set():
+    table = rows(comparison_table(RECORDS, reference="rnp", development=("badnets", "blend", "sig")))
+    # tsbd vs rnp on (badnets, clean 0) and (blend, clean 0): -0.01 and +0.03; rnp's clean set 1 has no pair
+    assert table[("development", "tsbd")] == ["2", "2", "1.00", "2.00", "98.00", "2", "+1.00", "1 of 2"]
+    assert table[("held back", "tsbd")] == ["1", "1", "20.00", "10.00", "70.00", "1", "+10.00", "1 of 1"]
+    assert table[("development", "rnp")][:5] == ["2", "3", "1.00", "2.00", "94.67"]
+    assert table[("development", "rnp")][5:] == ["-", "-", "-"]
+    assert table[("development", "nc")][5:] == ["0", "-", "-"]  # no rnp cell on sig
+    assert not any(defense in ("none", "nft") for _, defense in table)
+
+
+def test_without_development_attacks_one_block_and_without_the_reference_no_table():
+    table = comparison_table(RECORDS, reference="rnp")
+    assert set(group for group, _ in rows(table)) == {"all"} and "names no development attacks" in table
+    assert rows(table)[("all", "tsbd")][5:] == ["3", "+4.00", "2 of 3"]
+    assert comparison_table(RECORDS, reference="target margin") == ""
+
+
+def test_any_row_can_be_the_reference():
+    table = rows(comparison_table(RECORDS, reference="tsbd", development=("badnets",)))
+    assert table[("development", "tsbd")][5:] == ["-", "-", "-"]
+    assert table[("development", "rnp")][5:] == ["1", "+1.00", "1 of 1"]  # its clean set 1 has no tsbd cell
+    assert table[("held back", "rnp")][5:] == ["2", "-6.50", "0 of 2"]
