@@ -1,6 +1,10 @@
 """The report's comparison of each defense with a reference row on the same cells."""
 
+import csv
+import io
+
 from rnp.bench.comparison import comparison_table
+from rnp.bench.report import results_csv
 
 
 def record(defense, attack, der, clean_seed=None, ca=(0.9, 0.88), asr=0.01, status="ok"):
@@ -48,3 +52,15 @@ def test_any_row_can_be_the_reference():
     assert table[("development", "tsbd")][5:] == ["-", "-", "-"]
     assert table[("development", "rnp")][5:] == ["1", "+1.00", "1 of 1"]  # its clean set 1 has no tsbd cell
     assert table[("held back", "rnp")][5:] == ["2", "-6.50", "0 of 2"]
+
+
+def test_a_cell_without_a_clean_seed_times_against_rnp_on_the_same_clean_images():
+    def timed(defense, seconds, clean_seed=None):
+        full = record(defense, "badnets", 0.9, clean_seed=clean_seed)
+        metrics = {"clean_accuracy": 0.9, "attack_success_rate": 1.0, "robust_accuracy": 0.0}
+        return {**full, "key": defense, "seconds": seconds, "peak_memory_mb": 1.0, "memory_kind": "rss",
+                "summary": {}, "before": metrics, "after": metrics}
+
+    cells = [timed("rnp", 50.0, clean_seed=0), timed("rnp", 70.0, clean_seed=1), timed("tsbd", 500.0)]
+    rows = {row["defense"]: row for row in csv.DictReader(io.StringIO(results_csv(cells)))}
+    assert float(rows["tsbd"]["seconds_over_rnp"]) == 10.0  # against clean set 0's run, not set 1's

@@ -24,7 +24,7 @@ def comparison_table(records: list[dict], *, reference: str, development: tuple[
     """The table, or "" when no finished cell of ``reference`` (a defense row's name) exists.
     ``development`` holds attack labels as the report prints them."""
     ok = [r for r in records if r["status"] == "ok" and r["label"]["defense"] != NO_DEFENSE]
-    reference_der = {_pair_key(r): r["der"] for r in ok if r["label"]["defense"] == reference}
+    reference_der = {cell_group(r): r["der"] for r in ok if r["label"]["defense"] == reference}
     if not reference_der:
         return ""
     blocks = defaultdict(lambda: defaultdict(list))
@@ -42,9 +42,10 @@ def comparison_table(records: list[dict], *, reference: str, development: tuple[
             + render_table(table, markdown=True))
 
 
-def _pair_key(record: dict) -> tuple:
-    """The subject and the clean set: a cell without a clean seed drew its clean images with the
-    subject's seed (:attr:`rnp.bench.grid.Cell.seed`), the same images as clean seed 0 of seed 0."""
+def cell_group(record: dict) -> tuple:
+    """The subject and the clean set a cell defended: cells alike in it compare. A cell without
+    a clean seed drew its clean images with the subject's seed (:attr:`rnp.bench.grid.Cell.seed`),
+    the same images as a clean seed equal to it."""
     label = record["label"]
     return label["dataset"], label["model"], label["attack"], label["seed"], label.get("clean_seed", label["seed"])
 
@@ -65,8 +66,8 @@ def _means(rows: list[dict]) -> list:
 def _paired(rows: list[dict], reference_der: dict, is_reference: bool) -> list:
     if is_reference:
         return ["-", "-", "-"]
-    pairs = [(r["der"], reference_der[_pair_key(r)]) for r in rows
-             if r["der"] is not None and reference_der.get(_pair_key(r)) is not None]
+    pairs = [(r["der"], reference_der[cell_group(r)]) for r in rows
+             if r["der"] is not None and reference_der.get(cell_group(r)) is not None]
     if not pairs:
         return [0, "-", "-"]
     difference = statistics.mean(ours - theirs for ours, theirs in pairs)

@@ -15,7 +15,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from rnp.bench.comparison import comparison_table
+from rnp.bench.comparison import cell_group, comparison_table
 from rnp.bench.grid import NO_DEFENSE
 from rnp.bench.published import SOURCES
 from rnp.bench.sections import study_sections
@@ -44,12 +44,6 @@ def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r["status"] == "ok"]
 
 
-def _subject(record: dict) -> tuple:
-    """The subject and clean set a cell defended: cells alike in it compare their seconds."""
-    label = record["label"]
-    return label["dataset"], label["model"], label["attack"], label["seed"], label.get("clean_seed")
-
-
 def _seed(label: dict) -> str:
     """The subject's seed, and the clean set's where the grid has ``clean_seeds``."""
     return str(label["seed"]) + (f", clean {label['clean_seed']}" if "clean_seed" in label else "")
@@ -72,7 +66,7 @@ def _recalibrated(record: dict, short: str):
 
 
 def _rnp_seconds(records: list[dict]) -> dict[tuple, float]:
-    return {_subject(r): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
+    return {cell_group(r): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
 
 
 def results_csv(records: list[dict]) -> str:
@@ -92,7 +86,7 @@ def results_csv(records: list[dict]) -> str:
             row[f"{short.lower()}_before"] = r["before"][name]
         if r["status"] == "ok":
             row.update({short.lower(): r["after"][name] for short, name in METRICS})
-            rnp_seconds = rnp.get(_subject(r))
+            rnp_seconds = rnp.get(cell_group(r))
             row.update(der=r["der"], seconds=round(r["seconds"], 3), peak_memory_mb=round(r["peak_memory_mb"], 1),
                        memory_kind=r["memory_kind"], pruned=r["summary"].get("pruned"),
                        seconds_over_rnp=round(r["seconds"] / rnp_seconds, 3) if rnp_seconds else None)
@@ -219,8 +213,8 @@ def means_table(records: list[dict], epochs: list[str], recalibration: list[str]
             values = [v for v in values if v is not None]
             return statistics.mean(values) if values else None
 
-        ratios = [r["seconds"] / rnp[_subject(r)] for r in rows
-                  if rnp.get(_subject(r)) and defense != NO_DEFENSE]
+        ratios = [r["seconds"] / rnp[cell_group(r)] for r in rows
+                  if rnp.get(cell_group(r)) and defense != NO_DEFENSE]
         ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
         asr = [_pct(mean([r.get("retuning", {}).get("asr", {}).get(e) for r in rows])) for e in epochs]
         table.append([defense, len(rows), *[_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS],
