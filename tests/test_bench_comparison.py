@@ -10,7 +10,8 @@ from rnp.bench.report import results_csv
 def record(defense, attack, der, clean_seed=None, ca=(0.9, 0.88), asr=0.01, status="ok"):
     label = {"dataset": "d", "model": "m", "attack": attack, "seed": 0, "defense": defense,
              **({} if clean_seed is None else {"clean_seed": clean_seed})}
-    return {"label": label, "status": status, "der": der, "before": {"clean_accuracy": ca[0]},
+    cell = {"defense": defense, "subject": {"attack": "none" if attack == "clean" else attack}}
+    return {"label": label, "cell": cell, "status": status, "der": der, "before": {"clean_accuracy": ca[0]},
             "after": {"clean_accuracy": ca[1], "attack_success_rate": asr}}
 
 
@@ -25,15 +26,16 @@ RECORDS = [
     record("rnp", "blend", 0.96, clean_seed=0), record("rnp", "trojan", 0.60, clean_seed=0),
     record("tsbd", "badnets", 0.97), record("tsbd", "blend", 0.99),   # clean set: the subject's seed, 0
     record("tsbd", "trojan", 0.70, asr=0.2, ca=(0.9, 0.8)), record("nc", "sig", 0.8),
-    record("nft", "blend", None, status="not_applicable"),
+    record("nft", "blend", None, status="not_applicable"), record("tsbd", "clean", None, ca=(0.9, 0.5)),
 ]
 
 
 def test_each_defense_is_paired_with_the_reference_on_the_same_clean_set():
     table = rows(comparison_table(RECORDS, reference="rnp", development=("badnets", "blend", "sig")))
     # tsbd vs rnp on (badnets, clean 0) and (blend, clean 0): -0.01 and +0.03; rnp's clean set 1 has no pair
-    assert table[("development", "tsbd")] == ["2", "2", "1.00", "2.00", "98.00", "2", "+1.00", "1 of 2"]
-    assert table[("held back", "tsbd")] == ["1", "1", "20.00", "10.00", "70.00", "1", "+10.00", "1 of 1"]
+    assert table[("development", "tsbd")] == ["2", "2", "1.00", "2.00", "98.00", "2", "+1.00", "1 / 0 / 1"]
+    # the clean subject (no backdoor, no DER) is left out: trojan alone is held back
+    assert table[("held back", "tsbd")] == ["1", "1", "20.00", "10.00", "70.00", "1", "+10.00", "1 / 0 / 0"]
     assert table[("development", "rnp")][:5] == ["2", "3", "1.00", "2.00", "94.67"]
     assert table[("development", "rnp")][5:] == ["-", "-", "-"]
     assert table[("development", "nc")][5:] == ["0", "-", "-"]  # no rnp cell on sig
@@ -43,15 +45,19 @@ def test_each_defense_is_paired_with_the_reference_on_the_same_clean_set():
 def test_without_development_attacks_one_block_and_without_the_reference_no_table():
     table = comparison_table(RECORDS, reference="rnp")
     assert set(group for group, _ in rows(table)) == {"all"} and "names no development attacks" in table
-    assert rows(table)[("all", "tsbd")][5:] == ["3", "+4.00", "2 of 3"]
+    assert rows(table)[("all", "tsbd")][5:] == ["3", "+4.00", "2 / 0 / 1"]
+    assert list(rows(table))[0] == ("all", "rnp")  # the reference leads its block
     assert comparison_table(RECORDS, reference="target margin") == ""
+    assert comparison_table([r for r in RECORDS if r["label"]["defense"] == "rnp"], reference="rnp") == ""
+    tie = [record("rnp", "badnets", 0.9, clean_seed=0), record("copy", "badnets", 0.9, clean_seed=0)]
+    assert rows(comparison_table(tie, reference="rnp"))[("all", "copy")][5:] == ["1", "+0.00", "0 / 1 / 0"]
 
 
 def test_any_row_can_be_the_reference():
     table = rows(comparison_table(RECORDS, reference="tsbd", development=("badnets",)))
     assert table[("development", "tsbd")][5:] == ["-", "-", "-"]
-    assert table[("development", "rnp")][5:] == ["1", "+1.00", "1 of 1"]  # its clean set 1 has no tsbd cell
-    assert table[("held back", "rnp")][5:] == ["2", "-6.50", "0 of 2"]
+    assert table[("development", "rnp")][5:] == ["1", "+1.00", "1 / 0 / 0"]  # its clean set 1 has no tsbd cell
+    assert table[("held back", "rnp")][5:] == ["2", "-6.50", "0 / 0 / 2"]
 
 
 def test_a_cell_without_a_clean_seed_times_against_rnp_on_the_same_clean_images():

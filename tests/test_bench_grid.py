@@ -79,6 +79,8 @@ def test_every_cell_is_recorded_with_what_reruns_it(finished, data):
         assert cell["attack_spec"]["name"] == "badnets" and cell["train_config"]["epochs"] == 1
         assert len(r["clean_indices"]) == 20 and r["environment"]["device"] == "cpu"
         assert r["environment"]["cpu_capability"] and r["environment"]["device_name"]
+        assert r["environment"]["bfloat16_instructions"] in ("amx", "avx512_bf16", "none")
+        assert r["subject_machine"]["device_name"] == r["environment"]["device_name"]  # trained here too
         assert r["peak_memory_mb"] > 0 and set(r["retuning"]["asr"]) == {"1", "2"}
     by_defense = {r["label"]["defense"]: r for r in rows}
     assert by_defense["rnp"]["cell"]["defense_config"]["recover_epochs"] == 3
@@ -147,6 +149,18 @@ def test_report_only_without_matplotlib_writes_the_figure_data_and_says_so(finis
         "(the plotted data is in the .csv beside each figure)"]
     assert {p.name for p in copy.iterdir() if p.is_file()} == {
         "results.csv", "results.md", "der.csv", "rnp_pruning_curve.csv", "rnp_masks.csv"}
+
+
+def test_the_grid_file_names_the_comparison_the_report_makes(finished, data, tmp_path):
+    out, cache, _, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out / "cells", copy / "cells")
+    grid = write_grid(tmp_path / "grid.yaml", grid_dict(data, development=["badnets"], reference="ft"))
+    assert main(["bench", str(grid), "--out", str(copy), "--cache", str(cache), "--report-only"]) == 0
+    text = (copy / "results.md").read_text()
+    assert "Each defense against `ft` on the same cells" in text and "(development: badnets;" in text
+    assert "| development | ft | 1 | 1 |" in text and "| development | rnp | 1 | 1 |" in text
+    assert "Each defense against `rnp`" in (out / "results.md").read_text()  # the grid without either key
 
 
 def test_der_figure_has_a_bar_per_defense_spanning_its_seeds_and_a_panel_per_attack():
@@ -235,7 +249,10 @@ def test_a_defense_that_does_not_apply_is_a_finished_cell(data, tmp_path):
     ({"output": 7}, "'output' takes a non-empty string"),
     ({"development": ["blend"]}, "development names attacks the grid does not have: blend; its attacks: badnets"),
     ({"development": "badnets"}, "'development' must be a list"),
-    ({"reference": "rpn"}, "reference 'rpn' is not a defense row of the grid; its rows: none, ft, rnp"),
+    ({"reference": "rpn"}, "reference 'rpn' is not a defense row of the grid \\(the comparison needs one\\); "
+                           "its rows: ft, rnp"),
+    ({"reference": "none"}, "reference 'none' is not a defense row"),
+    ({"development": ["badnets"], "defenses": {"none": {}, "ft": FT_FAST}}, "reference 'rnp' is not a defense row"),
 ])
 def test_grid_mistakes_are_one_line_errors(data, change, message):
     with pytest.raises(RnpError, match=message) as error:

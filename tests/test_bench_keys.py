@@ -220,7 +220,7 @@ def test_the_report_says_when_records_mix_code():
         return {"cell": {"code": code}, "subject_code": {"training_code": training, "adopted": adopted}}
 
     same = [record("aaa", "ttt"), record("aaa", "ttt")]
-    assert code_note(same) == "Code: cells by package aaa; subjects by training code ttt. Processors: unknown."
+    assert code_note(same) == "Code: cells by package aaa; subjects by training code ttt. Processors: not recorded."
     mixed = code_note([record("aaa", "ttt"), record("bbb", "ttt")])
     assert mixed.startswith("**Warning") and "aaa (1 cells), bbb (1 cells)" in mixed
     assert "unknown" in code_note([{"cell": {}, "key": "old record"}])
@@ -229,7 +229,8 @@ def test_the_report_says_when_records_mix_code():
 def test_the_report_names_processors_and_warns_when_a_subject_was_retrained():
     def record(weights, processor="AMD EPYC", run="/cache/zoo/abc-ttt", accuracy=0.9):
         return {"cell": {"code": "aaa"}, "subject_code": {"training_code": "ttt"}, "subject_run": run,
-                "environment": {"device_name": processor}, "before": {"clean_accuracy": accuracy,
+                "environment": {"device_name": processor, "cpu_capability": "AVX512"},
+                "before": {"clean_accuracy": accuracy,
                                                                       "attack_success_rate": 1.0},
                 **({"subject_weights": weights} if weights else {})}
 
@@ -239,8 +240,12 @@ def test_the_report_names_processors_and_warns_when_a_subject_was_retrained():
     warning = "**Warning: the cells of abc-ttt rest on different trained weights**"
     retrained = code_note([record("w1"), record("w2", "Intel Xeon"), record("w3", run="/z/other-ttt")])
     assert warning in retrained and "other-ttt" not in retrained
-    older = code_note([record(None), record(None, accuracy=0.91), record(None, run="/z/other-ttt")])
-    assert warning in older and "other-ttt" not in older  # records without hashes: their CA differs
+    older = code_note([record(None), record("w1", accuracy=0.91), record(None, run="/z/other-ttt")])
+    assert warning in older and "other-ttt" not in older  # a record without a hash: the CA differs
+    reevaluated = code_note([record("w1"), record("w1", accuracy=0.91)])
+    assert "Warning" not in reevaluated  # one hash: the same weights, evaluated by other code
+    legacy = record(None) | {"environment": {"device": "cpu", "device_name": "x86_64"}}
+    assert "Processors: AMD EPYC (1 cells), not recorded (1 cells)." in code_note([record(None), legacy])
 
 
 def test_one_process_trains_the_subjects_while_another_defends_those_finished(data, tmp_path):

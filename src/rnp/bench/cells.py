@@ -13,14 +13,12 @@ import copy
 import functools
 import hashlib
 import logging
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
 
 import torch
 
-from rnp import __version__
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
 from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs
@@ -37,8 +35,9 @@ from rnp.io.files import read_json
 from rnp.metrics import BackdoorMetrics, der, evaluate_backdoor
 from rnp.metrics.backdoor import accuracy
 from rnp.runs.folder import METRICS_FILE, MODEL_FILE, load_model, load_run, read_run_info
+from rnp.runs.machine import machine
 from rnp.training.evaluate import predict
-from rnp.utils import fast_bfloat16_cpu, generator_for
+from rnp.utils import generator_for
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,8 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     before = subject["before"]
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
               "data_spec": cell.subject.data_spec, "subject_run": run_dir, "subject_code": subject_code(run_dir),
-              "subject_weights": _digest(model), "clean_indices": indices.tolist(), "environment": _environment(device),
+              "subject_weights": _digest(model), "subject_machine": subject["machine"],
+              "clean_indices": indices.tolist(), "environment": machine(device),
               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "before": before.to_dict()}
     try:
         with PeakMemory(device) as peak:
@@ -128,7 +128,7 @@ def _digest(model) -> str:
     subject must rest on the same trained weights (a subject retrained elsewhere may differ)."""
     sha = hashlib.sha256()
     for tensor in model.state_dict().values():
-        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()[:16]
 
 
@@ -174,6 +174,7 @@ def _load_subject(run_dir: str, data_cache: str | None, data_spec: str) -> dict:
     before = BackdoorMetrics(**{k: metrics.get(k) for k in BackdoorMetrics.__dataclass_fields__})
     pool, exclude = run.clean_pool()
     return {"run": run, "triggered": run.triggered_test(), "before": before, "pool": pool,
+            "machine": metrics.get("machine"),
             "exclude": exclude, "data_cache": data_cache, "poisoned_train": {}}
 
 
@@ -263,32 +264,3 @@ def _labels(cell: Cell) -> dict:
     return {"dataset": subject.dataset, "model": f"{subject.arch}-w{subject.width}",
             "attack": subject.label, "seed": subject.seed, "defense": cell.name or cell.defense,
             **({"clean_seed": cell.clean_seed} if cell.clean_seed is not None else {})}
-
-
-def _environment(device) -> dict:
-    """Where the cell ran. The processor and its vector instructions matter: bfloat16 kernels
-    differ between instruction sets, so the same seeds can train or defend differently on
-    another processor."""
-    return {"rnp_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "device_name": _device_name(device),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bfloat16": fast_bfloat16_cpu(),
-            "threads": torch.get_num_threads(), "host": platform.node()}
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _processor_name()
-
-
-def _processor_name() -> str:
-    """The CPU's model name as Linux reports it (``platform.processor()`` says only x86_64
-    there), else what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

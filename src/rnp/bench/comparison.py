@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from rnp.bench.grid import NO_DEFENSE
+from rnp.bench.grid import NO_ATTACK, NO_DEFENSE
 from rnp.io.tables import render_table
 
 DEVELOPMENT, HELD_BACK, ALL = "development", "held back", "all"
@@ -23,22 +23,25 @@ DEVELOPMENT, HELD_BACK, ALL = "development", "held back", "all"
 def comparison_table(records: list[dict], *, reference: str, development: tuple[str, ...] = ()) -> str:
     """The table, or "" when no finished cell of ``reference`` (a defense row's name) exists.
     ``development`` holds attack labels as the report prints them."""
-    ok = [r for r in records if r["status"] == "ok" and r["label"]["defense"] != NO_DEFENSE]
+    ok = [r for r in records if r["status"] == "ok" and _defended(r) and _backdoored(r)]
     reference_der = {cell_group(r): r["der"] for r in ok if r["label"]["defense"] == reference}
-    if not reference_der:
+    if not reference_der or all(r["label"]["defense"] == reference for r in ok):
         return ""
     blocks = defaultdict(lambda: defaultdict(list))
     for r in ok:
         blocks[_group(r, development)][r["label"]["defense"]].append(r)
     table = [["attacks", "defense", "attacks run", "cells", "ASR", "CA drop", "DER",
-              f"paired cells with {reference}", f"DER minus {reference}'s, paired", "higher DER on"]]
+              f"paired cells with {reference}", f"DER minus {reference}'s, paired", "higher / equal / lower"]]
     for group in (DEVELOPMENT, HELD_BACK, ALL):
-        for defense, rows in blocks.get(group, {}).items():
+        rows_by_defense = blocks.get(group, {})
+        for defense in sorted(rows_by_defense, key=lambda name: name != reference):  # the reference first
+            rows = rows_by_defense[defense]
             table.append([group, defense, *_means(rows), *_paired(rows, reference_der, defense == reference)])
     groups = (f"development: {', '.join(development)}; held back: the others" if development
               else "the grid names no development attacks")
-    return (f"Each defense against `{reference}` on the same cells (subject and clean set); ASR, CA "
-            f"drop (points) and DER in %, means over the defense's own cells ({groups}):\n\n"
+    return (f"Each defense against `{reference}` on the same cells (subject and clean set), backdoored "
+            f"subjects only; ASR, CA drop (points) and DER in %, means over the defense's own cells "
+            f"({groups}):\n\n"
             + render_table(table, markdown=True))
 
 
@@ -48,6 +51,15 @@ def cell_group(record: dict) -> tuple:
     the same images as a clean seed equal to it."""
     label = record["label"]
     return label["dataset"], label["model"], label["attack"], label["seed"], label.get("clean_seed", label["seed"])
+
+
+def _defended(record: dict) -> bool:
+    return record["cell"].get("defense", record["label"]["defense"]) != NO_DEFENSE
+
+
+def _backdoored(record: dict) -> bool:
+    """Clean subjects (a grid's clean twins) have no backdoor to remove, so no DER."""
+    return record["cell"].get("subject", {}).get("attack", record["label"]["attack"]) != NO_ATTACK
 
 
 def _group(record: dict, development: tuple[str, ...]) -> str:
@@ -71,7 +83,8 @@ def _paired(rows: list[dict], reference_der: dict, is_reference: bool) -> list:
     if not pairs:
         return [0, "-", "-"]
     difference = statistics.mean(ours - theirs for ours, theirs in pairs)
-    return [len(pairs), f"{100 * difference:+.2f}", f"{sum(ours > theirs for ours, theirs in pairs)} of {len(pairs)}"]
+    higher, equal = sum(ours > theirs for ours, theirs in pairs), sum(ours == theirs for ours, theirs in pairs)
+    return [len(pairs), f"{100 * difference:+.2f}", f"{higher} / {equal} / {len(pairs) - higher - equal}"]
 
 
 def _pct(values: list[float]) -> str:

@@ -337,12 +337,14 @@ def parse_grid(raw, *, base: Path = Path(".")) -> Grid:
 
 
 def _check_comparison(grid: Grid, explicit_reference: bool) -> None:
-    """The development attacks are the grid's, by the labels the report prints, and a reference
-    given is one of its defense rows (the default, "rnp", may be absent: no comparison then)."""
-    if explicit_reference and grid.reference not in grid.defenses:
-        raise RnpError(f"reference {grid.reference!r} is not a defense row of the grid; its rows: "
-                       f"{', '.join(grid.defenses)}")
-    labels = {subject.label for subject in grid.subjects()}
+    """The development attacks are the grid's backdoors, by the labels the report prints, and
+    the reference is one of its defense rows where given or where development attacks are (the
+    default, "rnp", may be absent otherwise: no comparison then)."""
+    rows = [name for name, (defense, _) in grid.defenses.items() if defense != NO_DEFENSE]
+    if (explicit_reference or grid.development) and grid.reference not in rows:
+        raise RnpError(f"reference {grid.reference!r} is not a defense row of the grid (the comparison "
+                       f"needs one); its rows: {', '.join(rows) or 'none'}")
+    labels = {subject.label for subject in grid.subjects() if subject.attack != NO_ATTACK}
     unknown = [a for a in grid.development if a not in labels]
     if unknown:
         raise RnpError(f"development names attacks the grid does not have: {', '.join(unknown)}; "

@@ -66,7 +66,10 @@ def _recalibrated(record: dict, short: str):
 
 
 def _rnp_seconds(records: list[dict]) -> dict[tuple, float]:
-    return {cell_group(r): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
+    """RNP's seconds per subject, clean set and machine: a defense's seconds compare with RNP's
+    on the same cells measured on the same processor with as many threads (records from before
+    processor names were kept count as one machine)."""
+    return {(cell_group(r), _machine(r)): r["seconds"] for r in _ok(records) if r["label"]["defense"] == "rnp"}
 
 
 def results_csv(records: list[dict]) -> str:
@@ -86,7 +89,7 @@ def results_csv(records: list[dict]) -> str:
             row[f"{short.lower()}_before"] = r["before"][name]
         if r["status"] == "ok":
             row.update({short.lower(): r["after"][name] for short, name in METRICS})
-            rnp_seconds = rnp.get(cell_group(r))
+            rnp_seconds = rnp.get((cell_group(r), _machine(r)))
             row.update(der=r["der"], seconds=round(r["seconds"], 3), peak_memory_mb=round(r["peak_memory_mb"], 1),
                        memory_kind=r["memory_kind"], pruned=r["summary"].get("pruned"),
                        seconds_over_rnp=round(r["seconds"] / rnp_seconds, 3) if rnp_seconds else None)
@@ -149,7 +152,7 @@ def code_note(records: list[dict]) -> str:
     processors)."""
     cells = Counter(r["cell"].get("code") or "unknown" for r in records)
     subjects = Counter(_subject_code(r) for r in records)
-    processors = Counter((r.get("environment") or {}).get("device_name") or "unknown" for r in records)
+    processors = Counter(_processor(r) for r in records)
     text = (f"Code: cells by package {_counted(cells)}; subjects by training code {_counted(subjects)}. "
             f"Processors: {_counted(processors)}.")
     if len(cells) > 1 or len(subjects) > 1 or any("unknown" in k or "adopted" in k for k in subjects):
@@ -164,21 +167,39 @@ def code_note(records: list[dict]) -> str:
 
 
 def _retrained_subjects(records: list[dict]) -> list[str]:
-    """The subjects (cache folder names) whose records disagree on the trained weights: on
-    their hash (records from before it name none) or on the undefended model's CA and ASR,
+    """The subjects (cache folder names) whose records disagree on the trained weights: on their
+    hash, or, where some record is from before the hash, on the undefended model's CA and ASR,
     which every record keeps (a retrained model that matches those to the last image is
-    unlikely)."""
-    seen = defaultdict(lambda: (set(), set()))
+    unlikely). Records that all carry the same hash agree, whatever their CA and ASR say (an
+    evaluation by other code can change those)."""
+    digests, befores, unhashed = defaultdict(set), defaultdict(set), set()
     for record in records:
         if "subject_run" not in record:
             continue
-        digests, befores = seen[Path(record["subject_run"]).name]
+        name = Path(record["subject_run"]).name
         if record.get("subject_weights"):
-            digests.add(record["subject_weights"])
+            digests[name].add(record["subject_weights"])
+        else:
+            unhashed.add(name)
         before = record.get("before") or {}
         if "clean_accuracy" in before:
-            befores.add((before["clean_accuracy"], before.get("attack_success_rate")))
-    return sorted(name for name, (digests, befores) in seen.items() if len(digests) > 1 or len(befores) > 1)
+            befores[name].add((before["clean_accuracy"], before.get("attack_success_rate")))
+    return sorted(name for name in digests.keys() | befores.keys()
+                  if len(digests[name]) > 1 or (name in unhashed and len(befores[name]) > 1))
+
+
+def _processor(record: dict) -> str:
+    """Where the cell ran: the CPU's or GPU's name. Records from before CPU names were kept say
+    only the architecture (x86_64) on a CPU, which names no processor."""
+    environment = record.get("environment") or {}
+    if environment.get("device", "cpu").startswith("cpu") and "cpu_capability" not in environment:
+        return "not recorded"
+    return environment.get("device_name") or "not recorded"
+
+
+def _machine(record: dict) -> tuple:
+    """The processor and threads a cell's seconds were measured with."""
+    return _processor(record), (record.get("environment") or {}).get("threads")
 
 
 def _subject_code(record: dict) -> str:
@@ -200,8 +221,8 @@ def _memory_kinds(records: list[dict]) -> str:
 
 def means_table(records: list[dict], epochs: list[str], recalibration: list[str] = ()) -> str:
     """Means per defense over its cells, with each defense's seconds over RNP's on the same
-    subject (mean of the per-subject ratios), and the re-tuning and recalibration columns the
-    cells measured."""
+    subject and clean set, on the same machine (mean of those ratios), and the re-tuning and
+    recalibration columns the cells measured."""
     rnp = _rnp_seconds(records)
     by_defense = defaultdict(list)
     for r in _ok(records):
@@ -213,8 +234,8 @@ def means_table(records: list[dict], epochs: list[str], recalibration: list[str]
             values = [v for v in values if v is not None]
             return statistics.mean(values) if values else None
 
-        ratios = [r["seconds"] / rnp[cell_group(r)] for r in rows
-                  if rnp.get(cell_group(r)) and defense != NO_DEFENSE]
+        ratios = [r["seconds"] / rnp[(cell_group(r), _machine(r))] for r in rows
+                  if rnp.get((cell_group(r), _machine(r))) and defense != NO_DEFENSE]
         ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
         asr = [_pct(mean([r.get("retuning", {}).get("asr", {}).get(e) for r in rows])) for e in epochs]
         table.append([defense, len(rows), *[_pct(mean([r["after"][n] for r in rows])) for _, n in METRICS],

@@ -26,6 +26,7 @@ from rnp.io.files import file_sha256, read_json, write_json
 from rnp.metrics import evaluate_backdoor
 from rnp.models import build_model, model_spec
 from rnp.runs.fingerprint import training_fingerprint
+from rnp.runs.machine import machine
 from rnp.runs.folder import (ATTACK_FILE, CHECKPOINT_FILE, EPOCH_CPU_TIMES_FILE, EPOCH_TIMES_FILE, METRICS_FILE,
                              MODEL_FILE, RUN_FILE, config_dict, load_run, read_run_info, save_model, write_run_files)
 from rnp.training import TrainConfig, train
@@ -133,7 +134,7 @@ def train_run(out, data_spec: str, *, arch: str = "preact_resnet18", width: int 
                                     "train_cpu_seconds": _total(epoch_cpu_seconds, every_epoch),
                                     "attack_prepare_seconds": prepare_seconds,
                                     "train_loss": history[-1].loss, "train_accuracy": history[-1].accuracy,
-                                    "device": str(device)})
+                                    "device": str(device), "machine": machine(device)})
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return out
 
