@@ -67,6 +67,8 @@ def test_a_cell_without_a_clean_seed_times_against_rnp_on_the_same_clean_images(
         return {**full, "key": defense, "seconds": seconds, "peak_memory_mb": 1.0, "memory_kind": "rss",
                 "summary": {}, "before": metrics, "after": metrics}
 
-    cells = [timed("rnp", 50.0, clean_seed=0), timed("rnp", 70.0, clean_seed=1), timed("tsbd", 500.0)]
+    cells = [timed("rnp", 50.0, clean_seed=0), timed("rnp", 70.0, clean_seed=1), timed("tsbd", 500.0),
+             timed("none", 0.0), timed("ft", 25.0) | {"environment": {"device_name": "Other", "cpu_capability": "X"}}]
     rows = {row["defense"]: row for row in csv.DictReader(io.StringIO(results_csv(cells)))}
     assert float(rows["tsbd"]["seconds_over_rnp"]) == 10.0  # against clean set 0's run, not set 1's
+    assert rows["none"]["seconds_over_rnp"] == rows["ft"]["seconds_over_rnp"] == ""  # undefended; other machine

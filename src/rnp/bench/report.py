@@ -89,7 +89,7 @@ def results_csv(records: list[dict]) -> str:
             row[f"{short.lower()}_before"] = r["before"][name]
         if r["status"] == "ok":
             row.update({short.lower(): r["after"][name] for short, name in METRICS})
-            rnp_seconds = rnp.get((cell_group(r), _machine(r)))
+            rnp_seconds = rnp.get((cell_group(r), _machine(r))) if r["label"]["defense"] != NO_DEFENSE else None
             row.update(der=r["der"], seconds=round(r["seconds"], 3), peak_memory_mb=round(r["peak_memory_mb"], 1),
                        memory_kind=r["memory_kind"], pruned=r["summary"].get("pruned"),
                        seconds_over_rnp=round(r["seconds"] / rnp_seconds, 3) if rnp_seconds else None)
