@@ -40,6 +40,8 @@ def main() -> None:
         order = scores.order()
         print(f"clean seed {seed}: unlearned in {summary['steps']} steps, target class {target['class']} "
               f"({100 * target['share']:.1f}% of the unlearned model's clean predictions)")
+        first = [f"{scores.layer_names[int(scores.layers[i])]}.{int(scores.channels[i])}" for i in order[:10].tolist()]
+        print("first channels:", ", ".join(first))
         print("k  clean-set acc  CA    ASR   (ORACLE: CA, ASR on 1,000 test images)")
         for k in PREFIXES:
             pruned = copy.deepcopy(model)
