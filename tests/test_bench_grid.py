@@ -178,6 +178,25 @@ def test_der_figure_has_a_bar_per_defense_spanning_its_seeds_and_a_panel_per_att
     assert badnets.title == "DER per defense: badnets" and [r["x"] for r in blend.rows()] == ["ft"]
 
 
+def test_pruning_curve_figure_has_a_panel_per_subject_and_row_with_a_line_per_clean_set():
+    def record(attack, defense, clean_seed, asr):
+        curve = [{"threshold": t, "attack_success_rate": asr * (1 - t), "clean_accuracy": 0.9} for t in (0.0, 0.5)]
+        label = {"dataset": "tiny", "model": "m", "attack": attack, "defense": defense, "seed": 0}
+        if clean_seed is not None:
+            label["clean_seed"] = clean_seed
+        return {"status": "ok", "der": 0.9, "label": label, "cell": {"defense": "rnp"},
+                "rnp": {"curve": curve, "masks": [0.1, 0.9]}}
+
+    records = [record("badnets", "rnp", 0, 1.0), record("badnets", "rnp", 1, 0.5),
+               record("badnets", "rnp (paper)", 0, 0.2), record("blend", "rnp", None, 0.8)]
+    rnp, paper, blend = figures(records)["rnp_pruning_curve"].panels
+    assert (rnp.title, paper.title, blend.title) == ("badnets, defense rnp", "badnets, defense rnp (paper)",
+                                                     "blend, defense rnp")
+    assert list(rnp.ys) == ["ASR, clean set 0", "ASR, clean set 1", "CA, clean set 0", "CA, clean set 1"]
+    assert rnp.ys["ASR, clean set 1"].tolist() == [50.0, 25.0] and rnp.xs["CA, clean set 0"].tolist() == [0.0, 0.5]
+    assert list(blend.ys) == ["ASR", "CA"]
+
+
 def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_cell(finished, data,
                                                                                     tmp_path, monkeypatch):
     out, cache, _, grid_path = finished

@@ -353,13 +353,8 @@ def figures(records: list[dict]) -> dict[str, Figure]:
     rnp = [r for r in ok if r.get("cell", {}).get("defense", r["label"]["defense"]) == "rnp"]  # every RNP row
     curves = [r for r in rnp if r["rnp"].get("curve")]
     if curves:
-        found["rnp_pruning_curve"] = Figure([
-            Lines({"ASR": [100 * p["attack_success_rate"] for p in r["rnp"]["curve"]],
-                   "CA": [100 * p["clean_accuracy"] for p in r["rnp"]["curve"]]},
-                  x=[p["threshold"] for p in r["rnp"]["curve"]],
-                  title=_name(r, curves), xlabel="mask threshold (prune channels with mask <= it)",
-                  ylabel="% of test subset")
-            for r in curves], title="RNP pruning curves (oracle analysis: test images)", columns=3)
+        found["rnp_pruning_curve"] = Figure(_pruning_curves(curves),
+                                            title="RNP pruning curves (oracle analysis: test images)", columns=3)
     if rnp:
         found["rnp_masks"] = Figure([Histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
                                                 title="RNP mask values", xlabel="mask value")])
@@ -385,6 +380,26 @@ def figures(records: list[dict]) -> dict[str, Figure]:
 
 RANKING_KEYS = ("model", "dataset", "seed", "clean_seed")
 """What tells RNP ranking panels apart besides the defense row, which their titles always name."""
+
+
+def _pruning_curves(curves: list[dict]) -> list[Lines]:
+    """A panel per subject and RNP row, with the ASR and CA lines of each of its clean sets (one
+    panel per run would bury three clean sets of a dozen rows in a figure nobody reads). Within a
+    panel the runs differ only in their clean set, since a grid row's label is unique."""
+    panels = defaultdict(list)
+    for r in curves:
+        thresholds = tuple(p["threshold"] for p in r["rnp"]["curve"])
+        panels[_name(r, curves, ("model", "dataset", "seed", "defense")), thresholds].append(r)
+    drawn = []
+    for (name, thresholds), runs in panels.items():
+        series = {}
+        for measure, key in (("ASR", "attack_success_rate"), ("CA", "clean_accuracy")):
+            for r in runs:
+                series[measure if len(runs) == 1 else f"{measure}, clean set {r['label'].get('clean_seed')}"] = [
+                    100 * p[key] for p in r["rnp"]["curve"]]
+        drawn.append(Lines(series, x=list(thresholds), title=name,
+                           xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset"))
+    return drawn
 
 
 def _name(record: dict, group: list[dict],
