@@ -194,6 +194,7 @@ def test_pruning_curve_figure_has_a_panel_per_subject_and_row_with_a_line_per_cl
                                                      "blend, defense rnp")
     assert list(rnp.ys) == ["ASR, clean set 0", "ASR, clean set 1", "CA, clean set 0", "CA, clean set 1"]
     assert rnp.ys["ASR, clean set 1"].tolist() == [50.0, 25.0] and rnp.xs["CA, clean set 0"].tolist() == [0.0, 0.5]
+    assert rnp.groups["ASR, clean set 1"] == rnp.groups["CA, clean set 1"] != rnp.groups["CA, clean set 0"]
     assert list(blend.ys) == ["ASR", "CA"]
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from rnp.errors import RnpError
 from rnp.io import plots
-from rnp.io.plots import ACCENT, BASE, Bars, Figure, Histograms, Lines, draw, write_figure
+from rnp.io.plots import ACCENT, BASE, PALETTE, Bars, Figure, Histograms, Lines, draw, write_figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,6 +89,15 @@ def test_ten_series_get_ten_distinct_colours_and_more_get_other_line_styles():
     assert len({colour for colour, _ in styles}) == 10 and len(styles) == 11
 
 
+def test_grouped_lines_share_their_group_colour_and_take_a_line_style_each():
+    series = {"ASR, set 0": [1, 0], "ASR, set 1": [1, 1], "CA, set 0": [1, 1], "CA, set 1": [0, 1]}
+    groups = {name: name.split(", ")[1] for name in series}
+    ax = draw(Figure([Lines(series, title="t", xlabel="x", ylabel="y", groups=groups)])).axes[0]
+    drawn = {line.get_label(): (to_hex(line.get_color()), line.get_linestyle()) for line in ax.get_lines()}
+    assert drawn == {"ASR, set 0": (PALETTE[0], "-"), "ASR, set 1": (PALETTE[1], "-"),
+                     "CA, set 0": (PALETTE[0], "--"), "CA, set 1": (PALETTE[1], "--")}
+
+
 def test_error_bars_span_the_seeds_only_where_there_are_several():
     single = draw(Figure([Bars(["a", "b"], [1.0, 2.0], title="t")])).axes[0]
     assert not [c for c in single.containers if isinstance(c, ErrorbarContainer)]
@@ -116,6 +125,18 @@ def test_values_sit_above_their_error_bars_apart_from_each_other_and_the_referen
     assert {t.get_text() for t in legend.get_texts()} == {"smallest to largest value", "chance (1/10)"}
     frame = ax.get_window_extent(renderer)
     assert legend.get_window_extent(renderer).x0 >= frame.x1  # beside the plot, not on it
+
+
+def test_the_labels_of_many_bars_do_not_overlap():
+    labels = ["ft", "fp", "nad", "nad (betas/10)", "anp", "anp (paper budget)", "ibau", "ibau (lr 1e-4)", "clp",
+              "nc", "sau", "sau (paper budget)", "nft", "tsbd", "fp_rnp", "rnp", "rnp (target gradient)",
+              "rnp (bf16, masks)"]
+    drawn = draw(Figure([Bars(labels, [90.0] * len(labels), title="t")]))
+    drawn.canvas.draw()
+    renderer = drawn.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in drawn.axes[0].get_xticklabels()]
+    assert len(boxes) == len(labels)
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
 
 
 def test_highlights():
@@ -189,6 +210,8 @@ def test_importing_rnp_and_its_commands_does_not_import_matplotlib():
     lambda: Lines({"a": [1, 2]}, title="t", xlabel="x", ylabel="y", x=[0, math.inf]),
     lambda: Lines({"a": [1, 2]}, title="t", xlabel="x", ylabel="y", highlight="b"),
     lambda: Lines({"a": [math.nan]}, title="t", xlabel="x", ylabel="y"),
+    lambda: Lines({"a": [1], "b": [2]}, title="t", xlabel="x", ylabel="y", groups={"a": "g"}),
+    lambda: Lines({"a": [1]}, title="t", xlabel="x", ylabel="y", groups={"a": "g", "c": "g"}),
     lambda: Histograms({}, title="t", xlabel="x"),
     lambda: Histograms({"a": []}, title="t", xlabel="x"),
     lambda: Histograms({"a": [math.nan, math.inf]}, title="t", xlabel="x"),

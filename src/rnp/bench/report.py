@@ -383,21 +383,24 @@ RANKING_KEYS = ("model", "dataset", "seed", "clean_seed")
 
 
 def _pruning_curves(curves: list[dict]) -> list[Lines]:
-    """A panel per subject and RNP row, with the ASR and CA lines of each of its clean sets (one
-    panel per run would bury three clean sets of a dozen rows in a figure nobody reads). Within a
-    panel the runs differ only in their clean set, since a grid row's label is unique."""
+    """A panel per subject and RNP row, with the ASR (solid) and CA (dashed) lines of each of its
+    clean sets in the clean set's colour (one panel per run would bury three clean sets of a dozen
+    rows in a figure nobody reads). Within a panel the runs differ only in their clean set, since
+    a grid row's label is unique."""
     panels = defaultdict(list)
     for r in curves:
         thresholds = tuple(p["threshold"] for p in r["rnp"]["curve"])
         panels[_name(r, curves, ("model", "dataset", "seed", "defense")), thresholds].append(r)
     drawn = []
     for (name, thresholds), runs in panels.items():
-        series = {}
+        series, groups = {}, {}
         for measure, key in (("ASR", "attack_success_rate"), ("CA", "clean_accuracy")):
             for r in runs:
-                series[measure if len(runs) == 1 else f"{measure}, clean set {r['label'].get('clean_seed')}"] = [
-                    100 * p[key] for p in r["rnp"]["curve"]]
-        drawn.append(Lines(series, x=list(thresholds), title=name,
+                run = f"clean set {r['label'].get('clean_seed')}"
+                series_name = measure if len(runs) == 1 else f"{measure}, {run}"
+                series[series_name] = [100 * p[key] for p in r["rnp"]["curve"]]
+                groups[series_name] = run
+        drawn.append(Lines(series, x=list(thresholds), title=name, groups=groups,
                            xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset"))
     return drawn
 

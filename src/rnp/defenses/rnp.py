@@ -28,7 +28,8 @@ computes in float16 (with loss scaling) on CUDA and in bfloat16 on CPUs with nat
 (AVX512-BF16 or AMX), float32 elsewhere: on such a CPU bfloat16 pruned the same channels as
 float32 on three demo subjects in 0.6x the time (``benchmarks/amp_parity.py``); float16 on CUDA
 has not been measured yet. ``amp="off"`` (``--amp off``, or ``RNP_AMP_AUTO=off`` for every
-"auto") keeps float32. The other defenses compute in float32.
+"auto") keeps float32. The baselines that optimise share the rule through their own ``amp``
+(:class:`rnp.training.precision.PrecisionFields`); I-BAU and CLP compute in float32.
 
 Memory layout: ``channels_last=True`` trains the unlearning and recovering copies with
 channels-last convolution weights, which made those stages 1.15-1.4x faster on one CPU thread

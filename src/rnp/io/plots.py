@@ -17,6 +17,7 @@ colours with another line style.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,9 @@ class Bars:
                         zorder=3, label=self.spread_label)
         _style(ax, self.title, "", self.ylabel)
         ax.set_xticks(list(positions), self.labels)
-        if max(map(len, self.labels)) * len(self.labels) > 45:
+        if len(self.labels) > MAX_VALUE_LABELS:  # upright: slanted long labels of narrow bars overlap
+            ax.tick_params(axis="x", labelrotation=90)
+        elif max(map(len, self.labels)) * len(self.labels) > 45:
             ax.tick_params(axis="x", labelrotation=30)
             for text in ax.get_xticklabels():
                 text.set_horizontalalignment("right")
@@ -183,7 +186,12 @@ class Bars:
 class Lines:
     """Several lines (e.g. the share of each class over RNP's unlearning steps). ``x`` defaults
     to 0, 1, 2, ... per series; when given, every series must have its length. The ``highlight``
-    series is drawn thick and on top. Non-finite points (a diverged run) leave gaps."""
+    series is drawn thick and on top. Non-finite points (a diverged run) leave gaps.
+
+    ``groups`` (series name to group name, for every series) draws the series of a group in one
+    colour, the first solid, the next dashed, and so on: e.g. one colour per clean set, ASR solid
+    and CA dashed, so that a reader tells the measure from the line and the run from its colour.
+    Without it each series takes the next colour."""
 
     series: Mapping[str, Sequence[float]]
     title: str
@@ -191,6 +199,7 @@ class Lines:
     ylabel: str
     x: Sequence[float] | None = None
     highlight: str | None = None
+    groups: Mapping[str, str] | None = None
     ys: dict[str, torch.Tensor] = field(init=False, repr=False)
     xs: dict[str, torch.Tensor] = field(init=False, repr=False)
 
@@ -199,6 +208,8 @@ class Lines:
             raise RnpError(f"lines {self.title!r}: no series")
         if self.highlight is not None and self.highlight not in self.series:
             raise RnpError(f"lines {self.title!r}: highlight {self.highlight!r} is not one of the series")
+        if self.groups is not None and set(map(str, self.groups)) != set(map(str, self.series)):
+            raise RnpError(f"lines {self.title!r}: groups must name every series, and only them")
         self.ys = {str(name): _floats(values, f"lines {self.title!r}, series {name!r}")
                    for name, values in self.series.items()}
         shared = None if self.x is None else _floats(self.x, f"lines {self.title!r}, x")
@@ -217,14 +228,29 @@ class Lines:
         return [_row(self.title, name, x, y)
                 for name in self.ys for x, y in zip(self.xs[name].tolist(), self.ys[name].tolist())]
 
+    def _styles(self) -> dict[str, tuple[str, str]]:
+        """Each series' colour and line style."""
+        if self.groups is None:
+            return {name: (PALETTE[index % len(PALETTE)], LINE_STYLES[index // len(PALETTE) % len(LINE_STYLES)])
+                    for index, name in enumerate(self.ys)}
+        groups = {str(name): str(group) for name, group in self.groups.items()}
+        colours = {group: PALETTE[index % len(PALETTE)] for index, group in enumerate(dict.fromkeys(
+            groups[name] for name in self.ys))}
+        members = defaultdict(list)
+        for name in self.ys:
+            members[groups[name]].append(name)
+        return {name: (colours[groups[name]], LINE_STYLES[members[groups[name]].index(name) % len(LINE_STYLES)])
+                for name in self.ys}
+
     def draw(self, ax) -> None:
-        for index, name in enumerate(self.ys):
+        styles = self._styles()
+        for name in self.ys:
             label = name if len(self.ys) > 1 else f"_{name}"
             y = self.ys[name].clone()
             y[~y.isfinite()] = math.nan  # matplotlib leaves a gap at NaN
             chosen = name == self.highlight
-            ax.plot(self.xs[name].tolist(), y.tolist(), label=label, color=PALETTE[index % len(PALETTE)],
-                    linestyle=LINE_STYLES[index // len(PALETTE) % len(LINE_STYLES)],
+            colour, linestyle = styles[name]
+            ax.plot(self.xs[name].tolist(), y.tolist(), label=label, color=colour, linestyle=linestyle,
                     linewidth=3.0 if chosen else 1.5, zorder=3 if chosen else 2,
                     marker="o" if len(y) <= MAX_MARKED_POINTS else None, markersize=3)
         _style(ax, self.title, self.xlabel, self.ylabel)
