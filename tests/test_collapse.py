@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rnp.detection import calibrate, collapse_map, judge
-from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, CollapseMap
+from rnp.metrics.collapse import MAP_AGREEMENT_THRESHOLD, CollapseMap
 from rnp.errors import RnpError
 from rnp.metrics import false_alarm_bound
 

@@ -1,5 +1,6 @@
 """RNP's experimental options (issue 15): repair, the exposure rule, mask averaging, unlearning
-depths. Each is off by default and leaves records and cache keys as they were."""
+depths, the target from the collapse map. Each is off by default and leaves records and cache
+keys as they were."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from rnp import RNP, RNPConfig
 from rnp.cli.main import main
 from rnp.defenses.masks import ChannelScores, channels_pruned, prune_channels
 from rnp.defenses.rnp_options import average_ranks, exposure_curve, spearman, target_gradient
+from rnp.detection import detect_backdoor
 from rnp.errors import RnpError
-from rnp.metrics import evaluate_backdoor
+from rnp.metrics import BackdoorVerdict, evaluate_backdoor
 from rnp.models import build_model
 from rnp.runs.folder import config_from_dict
 from rnp.training import TrainConfig, train
@@ -30,7 +32,8 @@ OLD_FIELDS = ["batch_size", "augment", "unlearn_lr", "unlearn_momentum", "unlear
               "threshold", "prune_number", "tolerance", "max_prune_fraction", "mask_layers",
               "channels_last", "amp", "seed"]
 NEW_DEFAULTS = {"exposure_share": 2.0, "mask_runs": 1, "mask_runs_unlearn": False, "unlearn_depths": (),
-                "repair_epochs": 0, "repair_lr": 0.01, "repair_freeze_bn": False, "mask_skip_last": False}
+                "repair_epochs": 0, "repair_lr": 0.01, "repair_freeze_bn": False, "mask_skip_last": False,
+                "target_source": "dominant", "target_runs": 6, "target_subset": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +59,16 @@ def test_records_and_cache_keys_hold_no_new_field_at_its_default():
     assert config_from_dict(RNPConfig, config_record(RNPConfig(ranking="masks"))).ranking == "masks"
     assert {f.name: f.default for f in dataclasses.fields(RNPConfig) if f.name in NEW_DEFAULTS} == NEW_DEFAULTS
     assert config_record(RNPConfig(mask_runs=2, unlearn_depths=[0.5]))["unlearn_depths"] == [0.5]
+    assert config_record(RNPConfig(target_source="collapse"))["target_source"] == "collapse"
 
 
 @pytest.mark.parametrize("bad", [{"mask_runs": 0}, {"repair_epochs": -1}, {"repair_lr": 0.0},
                                  {"exposure_share": 1.0}, {"unlearn_depths": (0.5, 1.5)},
                                  {"prune_rule": "exposures"}, {"ranking": "gradient"},
                                  {"ranking": "target_gradient", "prune_rule": "threshold"},
-                                 {"prune_rule": "threshold"}])  # the default order has no mask value to cut
+                                 {"prune_rule": "threshold"},  # the default order has no mask value to cut
+                                 {"target_source": "map"}, {"target_source": "collapse", "ranking": "masks"},
+                                 {"target_runs": 0}, {"target_subset": 0.0}, {"target_subset": 1.5}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(RnpError):
         RNPConfig(**bad)
@@ -162,6 +168,60 @@ def test_the_margin_ranking_prunes_in_its_order_and_reports_its_rule(trained, cl
     assert [(d["layer"], d["channel"]) for d in result.report["pruning"]["channels"]] == [
         (ranking.layer_names[int(ranking.layers[i])], int(ranking.channels[i])) for i in ranking.order()[:3]]
     assert config_record(RNPConfig(ranking="target_margin"))["ranking"] == "target_margin"
+
+
+# The target from the collapse map
+
+def test_a_named_target_is_ranked_for_and_the_dominant_class_recorded_beside_it(trained, clean):
+    unlearned = RNP(**FAST, seed=0).fit(trained, clean).unlearned_model
+    plain, dominant = target_gradient(unlearned, clean, batch_size=16, objective="margin")
+    other = (dominant["class"] + 1) % 4
+    named, info = target_gradient(unlearned, clean, batch_size=16, objective="margin", target=other)
+    assert info["class"] == other and info["share"] <= dominant["share"]
+    assert (info["dominant_class"], info["dominant_share"]) == (dominant["class"], dominant["share"])
+    assert not torch.equal(named.order(), plain.order())
+    same, same_info = target_gradient(unlearned, clean, batch_size=16, objective="margin", target=dominant["class"])
+    assert torch.equal(same.values, plain.values) and same_info == dominant
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(RnpError, match="target must be one of the model's 4 classes"):
+            target_gradient(unlearned, clean, target=bad)
+
+
+def all_to_one(target: int) -> BackdoorVerdict:
+    return BackdoorVerdict("all-to-one", target, 0.9, 0.5, [target] * 4)
+
+
+def test_the_collapse_source_prunes_for_the_maps_target_and_falls_back_without_one(trained, clean, monkeypatch):
+    settings = dict(**FAST, seed=0, prune_rule="number", prune_number=3)
+    dominant = RNP(**settings).fit(trained, clean)
+    first = dominant.report["ranking"]["class"]
+    other = (first + 1) % 4
+    monkeypatch.setattr(RNP, "collapse_verdict", lambda self, *args: all_to_one(other))
+    named = RNP(**settings, target_source="collapse").fit(trained, clean)
+    ranking, info = target_gradient(named.unlearned_model, clean, batch_size=16, objective="margin", target=other)
+    assert named.report["ranking"] == {**info, "target_source": "collapse",
+                                       "collapse_verdict": all_to_one(other).to_dict()}
+    assert info["dominant_class"] == first and "target" in named.timings
+    assert [(d["layer"], d["channel"]) for d in named.report["pruning"]["channels"]] == [
+        (ranking.layer_names[int(ranking.layers[i])], int(ranking.channels[i])) for i in ranking.order()[:3]]
+    assert named.report["pruning"]["channels"] != dominant.report["pruning"]["channels"]
+    clean_verdict = BackdoorVerdict("clean", None, 0.2, 0.5, [1, 2, 3, 0])
+    monkeypatch.setattr(RNP, "collapse_verdict", lambda self, *args: clean_verdict)
+    fallback = RNP(**settings, target_source="collapse").fit(trained, clean)
+    assert fallback.report["ranking"]["class"] == first
+    assert fallback.report["pruning"]["channels"] == dominant.report["pruning"]["channels"]
+
+
+def test_rnps_collapse_verdict_is_the_one_rnp_inspect_gives(synthetic_backdoor):
+    model, clean = synthetic_backdoor.model, synthetic_backdoor.clean
+    result = RNP(seed=3, target_source="collapse", target_runs=3).fit(model, clean)
+    verdict = detect_backdoor(model, clean, runs=3, seed=3)
+    ranking = result.report["ranking"]
+    assert ranking["collapse_verdict"] == verdict.to_dict()
+    if verdict.target is None:  # no all-to-one target named (this fixture on some seeds): the dominant class
+        assert "dominant_class" not in ranking
+    else:
+        assert ranking["class"] == verdict.target
 
 
 # Mask averaging

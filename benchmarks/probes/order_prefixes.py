@@ -4,7 +4,10 @@ For each clean seed (which also seeds RNP, as in the grid's cells): unlearn as R
 rank the channels by the unlearned model's target ranking (``--ranking``, default the package's
 ``target_margin``), then for each prefix k print the defender's clean-set accuracy (what the auto
 rule watches) and the ORACLE CA / ASR on 1,000 test images (test data a defender does not have:
-it explains a failure and chooses nothing). Usage (a record of the subject's grid cell names the
+it explains a failure and chooses nothing). ``--target`` ranks for a given class instead of the
+unlearned model's dominant one, ``--unlearn-seed`` unlearns with another seed than the clean
+seed: where the dominant class was not the target, do a right class or another unlearning
+of the same images mend the order? Usage (a record of the subject's grid cell names the
 subject; run from the repository root):
 
     OMP_NUM_THREADS=1 PYTHONPATH=benchmarks/probes python benchmarks/probes/order_prefixes.py CELL.json 0,1,2
@@ -30,13 +33,17 @@ def main() -> None:
     parser.add_argument("cell", help="a grid cell record of the subject")
     parser.add_argument("seeds", help="clean seeds, comma-separated")
     parser.add_argument("--ranking", default="target_margin", choices=sorted(TARGET_OBJECTIVES))
+    parser.add_argument("--target", type=int, help="rank for this class, not the unlearned model's dominant one")
+    parser.add_argument("--unlearn-seed", type=int, help="unlearn with this seed, not the clean seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     subject, oracle = subject_and_oracle(args.cell)
     model = subject["run"].model.eval()
     for seed, clean in clean_sets(subject, args.seeds):
-        unlearned, summary, _ = RNP(seed=seed).unlearn(model, clean, torch.device("cpu"))
-        scores, target = target_gradient(unlearned.eval(), clean, objective=TARGET_OBJECTIVES[args.ranking])
+        unlearn_seed = seed if args.unlearn_seed is None else args.unlearn_seed
+        unlearned, summary, _ = RNP(seed=unlearn_seed).unlearn(model, clean, torch.device("cpu"))
+        scores, target = target_gradient(unlearned.eval(), clean, objective=TARGET_OBJECTIVES[args.ranking],
+                                         target=args.target)
         order = scores.order()
         print(f"clean seed {seed}: unlearned in {summary['steps']} steps, target class {target['class']} "
               f"({100 * target['share']:.1f}% of the unlearned model's clean predictions)")

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, BackdoorVerdict, collapse_map, judge
+from rnp.metrics.collapse import MAP_AGREEMENT_THRESHOLD, BackdoorVerdict, collapse_map, judge
 from rnp.io.tables import render_table
 from rnp.metrics.detection import auroc
 
@@ -350,7 +350,7 @@ def label_runs_table(records: list[dict]) -> str:
                       "the one its predictions drifted to most. Drift shares are fractions of the predictions "
                       "(mean ± sd over the runs). The map agreement is the share of the clean images, over all "
                       "runs, predicted as the class most runs send their label to; the verdict calls the model "
-                      f"backdoored above {MAP_AGREEMENT_THRESHOLD} (rnp.detection.collapse, fixed on the "
+                      f"backdoored above {MAP_AGREEMENT_THRESHOLD} (rnp.metrics.collapse, fixed on the "
                       "development subjects), computed here from the records' confusion matrices.", "",
                       render_table(table, markdown=True), "", _verdict_tally(tally)])
 

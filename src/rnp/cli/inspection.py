@@ -19,7 +19,7 @@ from rnp.data.images import ImageSet
 from rnp.data.sources import load_dataset
 from rnp.defenses import RNPConfig
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
-from rnp.detection.collapse import Calibration, calibrate, detect_backdoor
+from rnp.detection.collapse import detect_backdoor
 from rnp.detection.exposure import Exposure, detect_backdoored_model, detect_target_label, expose
 from rnp.detection.poisoned_samples import StripConfig
 from rnp.detection.sample_scan import SCAN_DETECTORS, SampleScanConfig, scan_samples
@@ -30,6 +30,7 @@ from rnp.io import plots
 from rnp.io.figures import image_grid, save_png, side_by_side
 from rnp.io.files import read_json, write_json, write_text
 from rnp.io.tables import render_table, write_csv
+from rnp.metrics.collapse import Calibration, calibrate
 from rnp.metrics.detection import auroc, false_alarm_interval, positives_mask, share_above, threshold_at_fpr
 from rnp.runs.folder import load_run
 from rnp.runs.outputs import prepare_output_dir, remove_previous_outputs

@@ -20,7 +20,7 @@ from rnp.cli.options import add_config_options, clean_size, count, finite_float,
 from rnp.defenses import DEFENSES, RNPConfig
 from rnp.defenses.neural_cleanse import BUDGETS
 from rnp.defenses.trigger_reverse import TriggerReverseConfig
-from rnp.detection.collapse import MAP_AGREEMENT_THRESHOLD, RUNS as COLLAPSE_RUNS, SUBSET as COLLAPSE_SUBSET
+from rnp.metrics.collapse import MAP_AGREEMENT_THRESHOLD, RUNS as COLLAPSE_RUNS, SUBSET as COLLAPSE_SUBSET
 from rnp.detection.exposure import EBYD_VARIANCE_THRESHOLD, LABEL_ANOMALY_THRESHOLD
 from rnp.detection.poisoned_samples import SAMPLE_DETECTORS
 from rnp.detection.sample_scan import SCAN_DETECTORS

@@ -74,6 +74,7 @@ from rnp.defenses.masks import (ChannelScores, MaskSet, channels_pruned, maskabl
                                 prune_channels)
 from rnp.defenses.rnp_options import average_masks, exposure_curve, rank_agreement, repair, target_gradient
 from rnp.errors import RnpError
+from rnp.metrics.collapse import RUNS, SUBSET, BackdoorVerdict, collapse_map, confusion_matrix, judge
 from rnp.models.checks import check_finite_weights
 from rnp.training.evaluate import predict
 from rnp.training.loop import StepInfo, run_epoch
@@ -85,6 +86,7 @@ PRUNE_RULES = ("auto", "threshold", "number", "exposure")
 RANKINGS = ("masks", "target_gradient", "target_margin")
 TARGET_OBJECTIVES = {"target_gradient": "log_prob", "target_margin": "margin"}
 """The measure of the collapse that each target ranking differentiates (see :func:`target_gradient`)."""
+TARGET_SOURCES = ("dominant", "collapse")
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))
 
 
@@ -166,6 +168,17 @@ class RNPConfig:
     'target_gradient', the same with the class's log-probability, whose gradient vanishes where
     the unlearned model is certain of the class on every clean image (Trojan); 'masks' (paper),
     the recovered masks, lowest first, the only order prune_rule 'threshold' can cut."""
+    target_source: str = field(default="dominant", metadata={"omit": "dominant"})
+    """Which class a target ranking prunes for: 'dominant', the unlearned model's most predicted
+    clean-set class; 'collapse' (experimental, issue 15), the all-to-one target of the collapse
+    map of target_runs more unlearnings on random target_subset shares of the clean set (the
+    verdict ``rnp inspect`` gives), or the dominant class where the map calls the model clean or
+    all-to-all. One unlearning can collapse onto a class the clean set favours: on the width-32
+    Trojan subject's clean set 1 it was class 3 on 3 of 5 unlearning seeds, and the map named 0."""
+    target_runs: int = field(default=RUNS, metadata={"omit": RUNS})
+    """target_source 'collapse': unlearnings of the collapse map (``rnp inspect``'s setting)."""
+    target_subset: float = field(default=SUBSET, metadata={"omit": SUBSET})
+    """target_source 'collapse': the share of the clean images each of them draws."""
     mask_runs: int = field(default=1, metadata={"omit": 1})
     """Experimental (issue 15): recover the masks this many times, seeds seed, seed+1, ..., and
     rank the channels by their mean mask; 1: one recovery (paper)."""
@@ -189,7 +202,8 @@ class RNPConfig:
         for name, value, choices in (("stop_check", self.stop_check, STOP_CHECKS),
                                      ("tie_break", self.tie_break, TIE_BREAKS),
                                      ("prune_rule", self.prune_rule, PRUNE_RULES),
-                                     ("ranking", self.ranking, RANKINGS)):
+                                     ("ranking", self.ranking, RANKINGS),
+                                     ("target_source", self.target_source, TARGET_SOURCES)):
             if value not in choices:
                 raise RnpError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.unlearn_milestones = tuple(int(m) for m in self.unlearn_milestones)
@@ -209,6 +223,12 @@ class RNPConfig:
             raise RnpError(f"prune_rule 'threshold' cuts at a mask value, so it needs ranking 'masks' "
                            f"(got {self.ranking!r}): set ranking 'masks' (--ranking masks) or use the "
                            f"rule auto, number or exposure")
+        if self.target_source != "dominant" and self.ranking not in TARGET_OBJECTIVES:
+            raise RnpError(f"target_source {self.target_source!r} chooses the class of a target ranking; "
+                           f"ranking {self.ranking!r} prunes for none: use target_margin or target_gradient")
+        if self.target_runs < 1 or not 0 < self.target_subset <= 1:
+            raise RnpError(f"target_runs must be at least 1 and target_subset in (0, 1], got "
+                           f"{self.target_runs!r} and {self.target_subset!r}")
         if not self.exposure_share > 1:
             raise RnpError(f"exposure_share must exceed 1 (the even share), got {self.exposure_share!r}")
 
@@ -222,6 +242,15 @@ class RNPConfig:
 
     def unlearn_lr_at(self, epoch: int) -> float:
         return self.unlearn_lr * self.unlearn_gamma ** sum(epoch >= m for m in self.unlearn_milestones)
+
+
+def collapse_subsets(count: int, runs: int, subset: float, seed: int) -> list[torch.Tensor]:
+    """The sorted indices into ``count`` clean images that each of ``runs`` collapse-map
+    unlearnings draws: a ``subset`` share of them (at least one), run ``r`` from its own
+    generator seeded by ``seed`` and ``r``."""
+    size = max(1, round(subset * count))
+    return [torch.randperm(count, generator=generator_for(seed, f"exposure-run-{run}"))[:size].sort().values
+            for run in range(runs)]
 
 
 class RNPResult(DefenseResult):
@@ -268,12 +297,17 @@ class RNP(RemovalDefense):
         layers = maskable_layers(original, cfg.mask_layers, skip_last=cfg.mask_skip_last)
         timer = StageTimer()
         unlearned, unlearning, drift, scores, push, runs = self._masks(original, clean, device, timer)
+        verdict = None
+        if cfg.target_source == "collapse":
+            with timer.stage("target"):
+                verdict = self.collapse_verdict(original, clean, device)
         with timer.stage("prune"):
             order = scores.order(push if cfg.tie_break == "gradient" else None)
             if cfg.ranking in TARGET_OBJECTIVES:
                 ranking, target = target_gradient(unlearned, clean, cfg.mask_layers, skip_last=cfg.mask_skip_last,
                                                   batch_size=cfg.batch_size, device=device,
-                                                  objective=TARGET_OBJECTIVES[cfg.ranking])
+                                                  objective=TARGET_OBJECTIVES[cfg.ranking],
+                                                  target=verdict.target if verdict is not None else None)
                 order = ranking.order()
             count, selection = self.choose_pruning(original, clean, scores, order, device,
                                                    unlearned=unlearned)
@@ -294,6 +328,9 @@ class RNP(RemovalDefense):
             report["mask_runs"] = runs
         if cfg.ranking in TARGET_OBJECTIVES:
             report["ranking"] = target
+            if verdict is not None:
+                report["ranking"] = {**target, "target_source": cfg.target_source,
+                                     "collapse_verdict": verdict.to_dict()}
         artifacts = {"masks": scores, "order": order, "unlearned_model": unlearned,
                      "original_model": original, "unlearning_predictions": drift}
         if cfg.repair_epochs:
@@ -305,6 +342,19 @@ class RNP(RemovalDefense):
                                           frozen_batchnorm=cfg.repair_freeze_bn)
         report["seconds"] = dict(timer.seconds)
         return RNPResult(pruned, report, artifacts, dict(timer.seconds))
+
+    def collapse_verdict(self, original: nn.Module, clean: ImageSet, device) -> BackdoorVerdict:
+        """The collapse map's verdict (:func:`rnp.metrics.collapse.judge`, default threshold) from
+        target_runs unlearnings of ``original``, run ``r`` on its own random target_subset share of
+        ``clean`` with seed ``seed + r``, each read on all of ``clean``: the runs, and so the
+        verdict, of :func:`rnp.detection.collapse.detect_backdoor` with this config and seed."""
+        cfg = self.config
+        confusions = []
+        for run, pick in enumerate(collapse_subsets(len(clean), cfg.target_runs, cfg.target_subset, cfg.seed)):
+            unlearned, _, drift, _ = self._unlearn(original, clean.subset(pick), device, cfg.seed + run)
+            predictions = predict(unlearned.eval(), clean, device=device)
+            confusions.append(confusion_matrix(clean.labels, predictions, drift.shape[1]))
+        return judge(collapse_map(torch.stack(confusions)))
 
     def _masks(self, original: nn.Module, clean: ImageSet, device, timer: StageTimer) -> tuple:
         """Stages 1 and 2, once or (``mask_runs``, ``unlearn_depths``) several times: the first

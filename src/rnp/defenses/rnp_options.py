@@ -141,7 +141,8 @@ worked they were many orders of magnitude larger)."""
 
 
 def target_gradient(unlearned: nn.Module, clean: ImageSet, kinds="auto", *, skip_last: bool = False,
-                    batch_size: int = 128, device="cpu", objective: str = "log_prob") -> tuple[ChannelScores, dict]:
+                    batch_size: int = 128, device="cpu", objective: str = "log_prob",
+                    target: int | None = None) -> tuple[ChannelScores, dict]:
     """Channels scored by their first-order share in the unlearned model's collapse onto one class.
 
     The unlearned model sends most clean images to one class (a backdoored model's target, the
@@ -154,15 +155,21 @@ def target_gradient(unlearned: nn.Module, clean: ImageSet, kinds="auto", *, skip
     the log-sum-exp of the other logits. Per image, the log-probability's gradient is the margin's
     times one minus the class's probability, so where the unlearned model is certain of the
     class on every image (a probability of 1 to float precision) the log-probability's gradient
-    vanishes and its order is noise; the margin's does not. Returns the scores and the class with
-    its share of the clean-set predictions.
+    vanishes and its order is noise; the margin's does not. ``target`` names the class instead
+    (a target found otherwise, e.g. by the collapse map of :meth:`RNP.collapse_verdict
+    <rnp.defenses.rnp.RNP.collapse_verdict>`). Returns the scores and the class with its share
+    of the clean-set predictions, and the dominant class with its share where they differ.
     """
     if objective not in OBJECTIVES:
         raise RnpError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     model = copy.deepcopy(unlearned).requires_grad_(False)
     masks = MaskSet(model, kinds, skip_last=skip_last)
     counts = torch.bincount(predict(model, clean, device=device), minlength=clean.num_classes)
-    target = int(counts.argmax())
+    dominant = int(counts.argmax())
+    if target is None:
+        target = dominant
+    elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(counts):
+        raise RnpError(f"target must be one of the model's {len(counts)} classes, got {target!r}")
     with eval_mode(model):
         for images, _ in iterate_batches(clean, batch_size, device=device):
             logits = model(images).float()
@@ -176,6 +183,9 @@ def target_gradient(unlearned: nn.Module, clean: ImageSet, kinds="auto", *, skip
     ranking = ChannelScores(scores.layer_names, scores.sizes, -masks.flat_grad().cpu())
     rule = "target_gradient" if objective == "log_prob" else "target_margin"
     info = {"rule": rule, "class": target, "share": float(counts[target]) / len(clean)}
+    if target != dominant:
+        info["dominant_class"] = dominant
+        info["dominant_share"] = float(counts[dominant]) / len(clean)
     largest = float(ranking.values.abs().max())
     if largest < VANISHED_GRADIENT:
         advice = "; ranking 'target_margin' keeps the gradient" if objective == "log_prob" else ""

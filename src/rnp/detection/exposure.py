@@ -32,11 +32,12 @@ from torch import nn
 
 from rnp.data.images import ImageSet
 from rnp.defenses.base import prepare_inputs
-from rnp.defenses.rnp import RNP, RNPConfig, RNPResult
+from rnp.defenses.rnp import RNP, RNPConfig, RNPResult, collapse_subsets
 from rnp.errors import RnpError
+from rnp.metrics.collapse import confusion_matrix
 from rnp.metrics.detection import anomaly_indices
 from rnp.training.evaluate import predict
-from rnp.utils import generator_for, model_device
+from rnp.utils import model_device
 
 EBYD_VARIANCE_THRESHOLD = 0.01
 """Variance of the class shares above which EBYD's ``detections/Unlearning.py`` calls a model
@@ -117,15 +118,13 @@ def expose_runs(model: nn.Module, clean_data, runs: int, subset: float, config: 
     if not 0 < subset <= 1:
         raise RnpError(f"subset is a share of the clean images in (0, 1], got {subset!r}")
     _, clean, _ = prepare_inputs(model, clean_data)
-    size = max(1, round(subset * len(clean)))
     exposures = []
-    for run in range(runs):
-        pick = torch.randperm(len(clean), generator=generator_for(seed, f"exposure-run-{run}"))[:size]
+    for run, pick in enumerate(collapse_subsets(len(clean), runs, subset, seed)):
         if config is None:
             run_config, run_overrides = None, {**overrides, "seed": seed + run}
         else:
             run_config, run_overrides = dataclasses.replace(config, seed=seed + run), overrides
-        exposures.append(expose(model, clean.subset(pick.sort().values), run_config, progress=progress,
+        exposures.append(expose(model, clean.subset(pick), run_config, progress=progress,
                                 **run_overrides))
     return exposures
 
@@ -139,10 +138,7 @@ def run_summaries(exposures: list[Exposure], clean: ImageSet) -> list[dict]:
     for exposure in exposures:
         shares = exposure.drift_shares()
         predictions = predict(exposure.unlearned, clean, device=model_device(exposure.unlearned))
-        classes = exposure.prediction_counts.shape[1]
-        confusion = torch.zeros(classes, classes, dtype=torch.long)
-        confusion.index_put_((clean.labels.long(), predictions.long()), torch.ones_like(predictions).long(),
-                             accumulate=True)
+        confusion = confusion_matrix(clean.labels, predictions, exposure.prediction_counts.shape[1])
         summaries.append({"candidate": int(shares.argmax()), "drift_shares": [round(float(v), 6) for v in shares],
                           "steps": exposure.unlearning["steps"], "seconds": exposure.seconds,
                           "final_shares": [round(float(v), 6) for v in confusion.sum(0).double() / len(clean)],

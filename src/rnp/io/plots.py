@@ -17,7 +17,7 @@ colours with another line style.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,11 +236,13 @@ class Lines:
         groups = {str(name): str(group) for name, group in self.groups.items()}
         colours = {group: PALETTE[index % len(PALETTE)] for index, group in enumerate(dict.fromkeys(
             groups[name] for name in self.ys))}
-        members = defaultdict(list)
+        seen = Counter()
+        styles = {}
         for name in self.ys:
-            members[groups[name]].append(name)
-        return {name: (colours[groups[name]], LINE_STYLES[members[groups[name]].index(name) % len(LINE_STYLES)])
-                for name in self.ys}
+            group = groups[name]
+            styles[name] = (colours[group], LINE_STYLES[seen[group] % len(LINE_STYLES)])
+            seen[group] += 1
+        return styles
 
     def draw(self, ax) -> None:
         styles = self._styles()
