@@ -549,7 +549,8 @@ def test_subcommands_are_the_documented_ones():
 
 
 _STRING_VALUES = {"stop_check": "epoch", "tie_break": "index", "prune_rule": "number",
-                  "schedule": "multistep", "mask_layers": "conv", "amp": "off", "ranking": "target_gradient"}
+                  "schedule": "multistep", "mask_layers": "conv", "amp": "off", "ranking": "target_gradient",
+                  "target_source": "collapse"}
 _RANGED_VALUES = {"unlearn_depths": (["0.5", "0.1"], (0.5, 0.1)), "exposure_share": (["3.0"], 3.0)}
 """Fields whose range the generic non-default value (3 and 7, half the default) falls outside."""
 
