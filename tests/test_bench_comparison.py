@@ -4,7 +4,7 @@ import csv
 import io
 
 from rnp.bench.comparison import comparison_table
-from rnp.bench.report import results_csv
+from rnp.bench.report import cost_table, results_csv
 
 
 def record(defense, attack, der, clean_seed=None, ca=(0.9, 0.88), asr=0.01, status="ok"):
@@ -72,3 +72,14 @@ def test_a_cell_without_a_clean_seed_times_against_rnp_on_the_same_clean_images(
     rows = {row["defense"]: row for row in csv.DictReader(io.StringIO(results_csv(cells)))}
     assert float(rows["tsbd"]["seconds_over_rnp"]) == 10.0  # against clean set 0's run, not set 1's
     assert rows["none"]["seconds_over_rnp"] == rows["ft"]["seconds_over_rnp"] == ""  # undefended; other machine
+
+
+def test_the_cost_table_names_the_stages_beyond_rnps_three():
+    plain = {"status": "ok", "label": {"attack": "trojan", "seed": 0, "clean_seed": 1, "defense": "rnp"},
+             "cell": {"defense": "rnp"}, "seconds": 57.0, "stages": {"unlearn": 10.0, "recover": 32.0, "prune": 15.0},
+             "rnp": {"floor_seconds": 55.0, "floor_ratio": 1.04, "floor_precision": "on"}}
+    searched = {**plain, "label": {**plain["label"], "defense": "rnp (collapse target)"}, "seconds": 117.0,
+                "stages": {"unlearn": 10.0, "recover": 32.0, "target": 60.0, "prune": 15.0}}
+    rows = {line.split(" | ")[2]: line for line in cost_table([plain, searched]).splitlines() if "| trojan |" in line}
+    assert "| 10.0 / 32.0 / 15.0 |" in rows["rnp"]
+    assert "| 10.0 / 32.0 / 15.0; target 60.0 |" in rows["rnp (collapse target)"]
