@@ -204,7 +204,6 @@ def test_the_collapse_source_prunes_for_the_maps_target_and_falls_back_without_o
     assert info["dominant_class"] == first and "target" in named.timings
     assert [(d["layer"], d["channel"]) for d in named.report["pruning"]["channels"]] == [
         (ranking.layer_names[int(ranking.layers[i])], int(ranking.channels[i])) for i in ranking.order()[:3]]
-    assert named.report["pruning"]["channels"] != dominant.report["pruning"]["channels"]
     clean_verdict = BackdoorVerdict("clean", None, 0.2, 0.5, [1, 2, 3, 0])
     monkeypatch.setattr(RNP, "collapse_verdict", lambda self, *args: clean_verdict)
     fallback = RNP(**settings, target_source="collapse").fit(trained, clean)
