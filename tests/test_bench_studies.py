@@ -93,6 +93,7 @@ def test_rnp_settings_over_clean_seeds_with_the_oracle_ranking(studies):
     assert "## Spread over seeds" in text and "| tiny | preact_resnet18-w4 | badnets | rnp (threshold) | 2 |" in text
     assert "## RNP's ranking of the channels (oracle analysis)" in text and "ASR@2" in text
     assert "## Defenses side by side" in text and "| attack | none | rnp | rnp (threshold) |" in text
+    assert "## Each clean set" in text and "(clean sets 0 / 1 unless a cell names its own)" in text
     assert (out / "rnp_ranking.png").stat().st_size > 1000
 
 

@@ -3,6 +3,8 @@
 - **attack properties** (grid key ``attack_properties``): does each backdoor take hold;
 - **spread over seeds**: mean ± standard deviation per subject and defense row, where a grid
   has several seeds or ``clean_seeds``;
+- **each clean set**: ASR and CA drop on every clean set of the rows that ran on several, where
+  a mean would hide the one set on which a defense failed;
 - **defenses side by side**: CA, ASR and DER after each defense, subject by defense;
 - **RNP's ranking** (``prune_counts``): the oracle's CA / ASR after pruning the first k
   channels in RNP's pruning order (its ``ranking``), per RNP setting;
@@ -33,8 +35,8 @@ SAMPLE_DETECTORS = ("unlearned", "loss", "ac", "ss", "strip")
 def study_sections(records: list[dict]) -> list[str]:
     """Every study section the records fill, in a fixed order."""
     ok = [r for r in records if r["status"] == "ok"]
-    sections = (attack_table(ok), seeds_table(ok), pivot_tables(ok), ranking_table(ok), exposure_tables(ok),
-                label_runs_table(ok))
+    sections = (attack_table(ok), seeds_table(ok), clean_set_tables(ok), pivot_tables(ok), ranking_table(ok),
+                exposure_tables(ok), label_runs_table(ok))
     return [section for section in sections if section]
 
 
@@ -116,6 +118,47 @@ def seeds_table(records: list[dict]) -> str:
                       "Mean ± standard deviation over the seeds (subject seeds and clean-set seeds), in % "
                       "(pruned: channels; seconds: the defense alone, per stage where it has stages).", "",
                       render_table(table, markdown=True)])
+
+
+def clean_set_tables(records: list[dict]) -> str:
+    """ASR and CA drop after each defense on each of its clean sets, subject x defense, for the
+    rows that ran on at least two: a mean over the sets would hide the one on which a defense
+    failed. A cell lists its sets in clean-seed order and names them when they are not the
+    table's usual ones."""
+    cells, subject_seeds = defaultdict(dict), defaultdict(set)
+    many_models = len({r["label"]["model"] for r in records}) > 1
+    for r in records:
+        subject_seeds[_subject_name(r["label"], many_models)].add(r["label"].get("seed"))
+    for r in records:
+        label = r["label"]
+        if label.get("clean_seed") is not None:
+            subject = _subject_name(label, many_models)
+            if len(subject_seeds[subject]) > 1:
+                subject += f" seed {label.get('seed')}"
+            cells[(subject, label["defense"])][label["clean_seed"]] = r
+    cells = {key: dict(sorted(sets.items())) for key, sets in cells.items() if len(sets) > 1}
+    if not cells:
+        return ""
+    usual = statistics.mode(tuple(sets) for sets in cells.values())
+    defenses = list(dict.fromkeys(defense for _, defense in cells))
+    subjects = list(dict.fromkeys(subject for subject, _ in cells))
+    sections = ["## Each clean set",
+                f"The rows that ran on several clean sets, each set apart (clean sets "
+                f"{' / '.join(map(str, usual))} unless a cell names its own)."]
+    for title, value in (("ASR after each defense (%)", lambda r: r["after"]["attack_success_rate"]),
+                         ("CA drop (points: CA before minus after)",
+                          lambda r: r["before"]["clean_accuracy"] - r["after"]["clean_accuracy"])):
+        table = [["attack", *defenses]]
+        for subject in subjects:
+            row = [subject]
+            for defense in defenses:
+                sets = cells.get((subject, defense), {})
+                text = " / ".join(_pct(value(r)) for r in sets.values())
+                row.append(text if tuple(sets) == usual or not sets
+                           else f"{text} (sets {', '.join(map(str, sets))})")
+            table.append(row)
+        sections.append(f"{title}:\n\n" + render_table(table, markdown=True))
+    return "\n\n".join(sections)
 
 
 def pivot_tables(records: list[dict]) -> str:

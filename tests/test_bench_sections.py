@@ -1,0 +1,30 @@
+"""The report's study sections, rendered from hand-made records."""
+
+from rnp.bench.sections import clean_set_tables
+
+
+def record(attack, defense, clean_seed, asr, ca_after=0.85, seed=0):
+    label = {"dataset": "tiny", "model": "m", "attack": attack, "defense": defense, "seed": seed}
+    if clean_seed is not None:
+        label["clean_seed"] = clean_seed
+    return {"status": "ok", "label": label, "before": {"clean_accuracy": 0.9, "attack_success_rate": 1.0},
+            "after": {"clean_accuracy": ca_after, "attack_success_rate": asr}}
+
+
+def test_each_clean_set_shows_the_set_a_mean_would_hide():
+    records = [record("badnets", "rnp", 0, 0.01), record("badnets", "rnp", 1, 0.995, ca_after=0.88),
+               record("badnets", "rnp", 2, 0.0), record("badnets", "ft", None, 0.2),
+               record("badnets", "rnp (paper)", 0, 0.5),
+               record("blend", "rnp", 2, 0.03), record("blend", "rnp", 0, 0.02)]
+    text = clean_set_tables(records)
+    assert text.startswith("## Each clean set") and "(clean sets 0 / 1 / 2 unless" in text
+    assert "| attack | rnp |\n" in text and "ft |" not in text and "paper" not in text
+    assert "| badnets | 1.0 / 99.5 / 0.0 |" in text and "| badnets | 5.0 / 2.0 / 5.0 |" in text
+    assert "| blend | 2.0 / 3.0 (sets 0, 2) |" in text
+
+
+def test_each_clean_set_names_subject_seeds_and_is_absent_without_several_sets():
+    records = [record("badnets", "rnp", c, 0.01 * c, seed=s) for s in (0, 1) for c in (0, 1)]
+    text = clean_set_tables(records)
+    assert "| badnets seed 0 | 0.0 / 1.0 |" in text and "| badnets seed 1 | 0.0 / 1.0 |" in text
+    assert clean_set_tables([record("badnets", "rnp", 0, 0.01), record("badnets", "ft", None, 0.2)]) == ""
