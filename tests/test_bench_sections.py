@@ -1,6 +1,6 @@
 """The report's study sections, rendered from hand-made records."""
 
-from rnp.bench.sections import clean_set_tables
+from rnp.bench.sections import clean_set_tables, subjects_table
 
 
 def record(attack, defense, clean_seed, asr, ca_after=0.85, seed=0):
@@ -27,4 +27,16 @@ def test_each_clean_set_names_subject_seeds_and_is_absent_without_several_sets()
     records = [record("badnets", "rnp", c, 0.01 * c, seed=s) for s in (0, 1) for c in (0, 1)]
     text = clean_set_tables(records)
     assert "| badnets seed 0 | 0.0 / 1.0 |" in text and "| badnets seed 1 | 0.0 / 1.0 |" in text
-    assert clean_set_tables([record("badnets", "rnp", 0, 0.01), record("badnets", "ft", None, 0.2)]) == ""
+    assert clean_set_tables([record("badnets", "rnp", 0, 0.01), record("badnets", "ft", None, 0.2),
+                             record("badnets", "none", 0, 1.0), record("badnets", "none", 1, 1.0)]) == ""
+
+
+def test_subjects_show_what_training_cost_where_the_records_keep_it():
+    costed = {**record("badnets", "none", None, 1.0), "subject_training": {"seconds": 9000.0, "cpu_seconds": 7200.0},
+              "subject_machine": {"device_name": "AMD EPYC", "threads": 1}}
+    older = record("blend", "none", None, 1.0)
+    text = subjects_table([record("badnets", "rnp", 0, 0.01), costed, older])
+    assert text.startswith("## Subjects")
+    assert "| tiny | m | badnets | 0 | 90.0 | 100.0 | 2.50 | 2.00 | AMD EPYC, 1 thread(s) |" in text
+    assert "| tiny | m | blend | 0 | 90.0 | 100.0 | - | - | - |" in text
+    assert subjects_table([older]) == ""

@@ -82,6 +82,8 @@ def test_rnp_settings_over_clean_seeds_with_the_oracle_ranking(studies):
     by_seed = {r["cell"]["clean_seed"]: r for r in rows if r["label"]["defense"] == "none"}
     assert by_seed[0]["clean_indices"] != by_seed[1]["clean_indices"]  # one subject, two clean sets
     assert by_seed[0]["subject_run"] == by_seed[1]["subject_run"]
+    assert all(r["subject_training"]["seconds"] > 0 and r["subject_training"]["cpu_seconds"] > 0 for r in rows)
+    assert "## Subjects" in text and "| tiny | preact_resnet18-w4 | badnets | 0 |" in text
     ranked = [r for r in rows if r["label"]["defense"] != "none"]
     assert all([p["count"] for p in r["rnp"]["prefix_curve"]] == [1, 2] for r in ranked)
     assert all(r["cell"]["defense_config"]["seed"] == r["cell"]["clean_seed"] for r in ranked)

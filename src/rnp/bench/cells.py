@@ -21,7 +21,7 @@ import torch
 
 from rnp.bench.cost import optimisation_floor, rnp_floor_images
 from rnp.bench.grid import NO_DEFENSE, Cell, Subject
-from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs
+from rnp.bench.measurements import attack_properties, measure_exposure, measure_label_runs, training_cost
 from rnp.bench.memory import PeakMemory
 from rnp.bench.recalibration import running_statistics_layers, recalibrated
 from rnp.bench.retuning import retune, retuning_set
@@ -71,6 +71,7 @@ def run_cell(cell: Cell, run_dir: str, control_dir: str | None = None, *, data_c
     record = {"key": cell.key, "cell": cell.describe(), "label": _labels(cell),
               "data_spec": cell.subject.data_spec, "subject_run": run_dir, "subject_code": subject_code(run_dir),
               "subject_weights": _digest(model), "subject_machine": subject["machine"],
+              "subject_training": subject["training"],
               "clean_indices": indices.tolist(), "environment": machine(device),
               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "before": before.to_dict()}
     try:
@@ -174,7 +175,7 @@ def _load_subject(run_dir: str, data_cache: str | None, data_spec: str) -> dict:
     before = BackdoorMetrics(**{k: metrics.get(k) for k in BackdoorMetrics.__dataclass_fields__})
     pool, exclude = run.clean_pool()
     return {"run": run, "triggered": run.triggered_test(), "before": before, "pool": pool,
-            "machine": metrics.get("machine"),
+            "machine": metrics.get("machine"), "training": training_cost(metrics),
             "exclude": exclude, "data_cache": data_cache, "poisoned_train": {}}
 
 

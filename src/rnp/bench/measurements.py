@@ -95,6 +95,14 @@ def measure_label_runs(run, model, clean: ImageSet, config: LabelRunsConfig, *, 
             "runs": runs, "verdict": judge(collapse_map([r["confusion"] for r in runs])).to_dict()}
 
 
+def training_cost(metrics: dict) -> dict:
+    """What training a subject cost, from its run's metrics: wall-clock seconds over every
+    session it took and the processor seconds of its threads (None where the code that trained
+    it did not record them)."""
+    return {"seconds": metrics.get("train_seconds") or metrics.get("train_seconds_this_session"),
+            "cpu_seconds": metrics.get("train_cpu_seconds")}
+
+
 def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> dict:
     """The attack's poisoning, fitting and training seconds (from the subject's run folder; the
     processor seconds too, where every epoch recorded them), and its clean twin's clean accuracy."""
@@ -102,8 +110,7 @@ def attack_properties(run, metrics: dict, clean_twin_metrics: dict | None) -> di
     return {"mode": spec.get("mode", "all2one"), "poison_rate": spec.get("poison_rate"),
             "poisoning": run.attack.describe_poisoning(),
             "prepare_seconds": metrics.get("attack_prepare_seconds", 0.0),
-            "train_seconds": metrics.get("train_seconds") or metrics.get("train_seconds_this_session"),
-            "train_cpu_seconds": metrics.get("train_cpu_seconds"),
+            **{f"train_{key}": value for key, value in training_cost(metrics).items()},
             "clean_twin_accuracy": clean_twin_metrics["clean_accuracy"] if clean_twin_metrics else None}
 
 

@@ -1,5 +1,6 @@
 """The report's study sections, each rendered only when the records hold what it shows:
 
+- **subjects**: each subject's accuracy and what training it cost, where records keep that;
 - **attack properties** (grid key ``attack_properties``): does each backdoor take hold;
 - **spread over seeds**: mean ± standard deviation per subject and defense row, where a grid
   has several seeds or ``clean_seeds``;
@@ -35,8 +36,8 @@ SAMPLE_DETECTORS = ("unlearned", "loss", "ac", "ss", "strip")
 def study_sections(records: list[dict]) -> list[str]:
     """Every study section the records fill, in a fixed order."""
     ok = [r for r in records if r["status"] == "ok"]
-    sections = (attack_table(ok), seeds_table(ok), clean_set_tables(ok), pivot_tables(ok), ranking_table(ok),
-                exposure_tables(ok), label_runs_table(ok))
+    sections = (subjects_table(ok), attack_table(ok), seeds_table(ok), clean_set_tables(ok), pivot_tables(ok),
+                ranking_table(ok), exposure_tables(ok), label_runs_table(ok))
     return [section for section in sections if section]
 
 
@@ -63,6 +64,33 @@ def _subject_name(label: dict, many_models: bool) -> str:
 
 def _seconds(value) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def subjects_table(records: list[dict]) -> str:
+    """Each subject's CA and ASR and the hours its training took (wall clock over every session,
+    and processor hours), on which processor with how many threads, where the records keep the
+    cost (``subject_training``; "-" for a subject whose records predate it)."""
+    if not any(r.get("subject_training") for r in records):
+        return ""
+    subjects = {}
+    for r in records:
+        label = r["label"]
+        key = (label["dataset"], label["model"], label["attack"], label.get("seed"))
+        if r.get("subject_training") or key not in subjects:
+            subjects[key] = r
+    table = [["dataset", "model", "attack", "seed", "CA", "ASR", "training h", "processor h", "trained on"]]
+    for (dataset, model, attack, seed), r in subjects.items():
+        cost, machine = r.get("subject_training") or {}, r.get("subject_machine") or {}
+        hours = ["-" if cost.get(k) is None else f"{cost[k] / 3600:.2f}" for k in ("seconds", "cpu_seconds")]
+        where = (f"{machine['device_name']}, {machine.get('threads', '?')} thread(s)"
+                 if machine.get("device_name") else "-")
+        table.append([dataset, model, attack, seed, _pct(r["before"]["clean_accuracy"]),
+                      _pct(r["before"]["attack_success_rate"]), *hours, where])
+    return "\n".join(["## Subjects", "",
+                      "Each subject before any defense (%), and what training it cost: wall-clock hours "
+                      "over every session it took, and the processor hours of its threads, which leave out "
+                      "the time other work held the cores (-: not in its records).", "",
+                      render_table(table, markdown=True)])
 
 
 def attack_table(records: list[dict]) -> str:
@@ -122,8 +150,8 @@ def seeds_table(records: list[dict]) -> str:
 
 def clean_set_tables(records: list[dict]) -> str:
     """ASR and CA drop after each defense on each of its clean sets, subject x defense, for the
-    rows that ran on at least two: a mean over the sets would hide the one on which a defense
-    failed. A cell lists its sets in clean-seed order and names them when they are not the
+    defense rows (not ``none``) that ran on at least two: a mean over the sets would hide the one
+    on which a defense failed. A cell lists its sets in clean-seed order and names them when they are not the
     table's usual ones."""
     cells, subject_seeds = defaultdict(dict), defaultdict(set)
     many_models = len({r["label"]["model"] for r in records}) > 1
@@ -131,7 +159,7 @@ def clean_set_tables(records: list[dict]) -> str:
         subject_seeds[_subject_name(r["label"], many_models)].add(r["label"].get("seed"))
     for r in records:
         label = r["label"]
-        if label.get("clean_seed") is not None:
+        if label.get("clean_seed") is not None and label["defense"] != "none":
             subject = _subject_name(label, many_models)
             if len(subject_seeds[subject]) > 1:
                 subject += f" seed {label.get('seed')}"
