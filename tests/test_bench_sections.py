@@ -35,8 +35,11 @@ def test_subjects_show_what_training_cost_where_the_records_keep_it():
     costed = {**record("badnets", "none", None, 1.0), "subject_training": {"seconds": 9000.0, "cpu_seconds": 7200.0},
               "subject_machine": {"device_name": "AMD EPYC", "threads": 1}}
     older = record("blend", "none", None, 1.0)
-    text = subjects_table([record("badnets", "rnp", 0, 0.01), costed, older])
+    two = {**record("sig", "none", None, 1.0), "subject_training": {"seconds": 3600.0, "cpu_seconds": None},
+           "subject_machine": {"device_name": "AMD EPYC", "threads": 2}}
+    text = subjects_table([record("badnets", "rnp", 0, 0.01), costed, older, two])
     assert text.startswith("## Subjects")
-    assert "| tiny | m | badnets | 0 | 90.0 | 100.0 | 2.50 | 2.00 | AMD EPYC, 1 thread(s) |" in text
+    assert "| tiny | m | badnets | 0 | 90.0 | 100.0 | 2.50 | 2.00 | AMD EPYC, 1 thread |" in text
     assert "| tiny | m | blend | 0 | 90.0 | 100.0 | - | - | - |" in text
+    assert "| tiny | m | sig | 0 | 90.0 | 100.0 | 1.00 | - | AMD EPYC, 2 threads |" in text
     assert subjects_table([older]) == ""

@@ -82,8 +82,9 @@ def subjects_table(records: list[dict]) -> str:
     for (dataset, model, attack, seed), r in subjects.items():
         cost, machine = r.get("subject_training") or {}, r.get("subject_machine") or {}
         hours = ["-" if cost.get(k) is None else f"{cost[k] / 3600:.2f}" for k in ("seconds", "cpu_seconds")]
-        where = (f"{machine['device_name']}, {machine.get('threads', '?')} thread(s)"
-                 if machine.get("device_name") else "-")
+        threads = machine.get("threads")
+        where = "-" if not machine.get("device_name") else (
+            machine["device_name"] + ("" if threads is None else f", {threads} thread{'s' * (threads != 1)}"))
         table.append([dataset, model, attack, seed, _pct(r["before"]["clean_accuracy"]),
                       _pct(r["before"]["attack_success_rate"]), *hours, where])
     return "\n".join(["## Subjects", "",
@@ -151,8 +152,8 @@ def seeds_table(records: list[dict]) -> str:
 def clean_set_tables(records: list[dict]) -> str:
     """ASR and CA drop after each defense on each of its clean sets, subject x defense, for the
     defense rows (not ``none``) that ran on at least two: a mean over the sets would hide the one
-    on which a defense failed. A cell lists its sets in clean-seed order and names them when they are not the
-    table's usual ones."""
+    on which a defense failed. A cell lists its sets in clean-seed order and names them when
+    they are not the table's usual ones."""
     cells, subject_seeds = defaultdict(dict), defaultdict(set)
     many_models = len({r["label"]["model"] for r in records}) > 1
     for r in records:
