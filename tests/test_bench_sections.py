@@ -1,5 +1,6 @@
-"""The report's study sections, rendered from hand-made records."""
+"""The report's sections, rendered from hand-made records."""
 
+from rnp.bench.report import compare_table
 from rnp.bench.sections import clean_set_tables, subjects_table
 
 
@@ -43,3 +44,16 @@ def test_subjects_show_what_training_cost_where_the_records_keep_it():
     assert "| tiny | m | blend | 0 | 90.0 | 100.0 | - | - | - |" in text
     assert "| tiny | m | sig | 0 | 90.0 | 100.0 | 1.00 | - | AMD EPYC, 2 threads |" in text
     assert subjects_table([older]) == ""
+
+
+def test_published_numbers_are_compared_with_the_attack_at_its_own_parameters_only():
+    def cell(defense, asr, params):
+        r = record("badnets", defense, None, asr)
+        r["after"]["clean_accuracy_non_target"] = 0.85
+        subject = {"attack": "badnets", "attack_params": params, "arch": "preact_resnet18", "width": 32}
+        r["cell"] = {"subject": subject, "attack_spec": {"poison_rate": 0.1}, "train_config": {"epochs": 45},
+                     "clean_size": 500}
+        return r
+
+    text = compare_table([cell("rnp", 0.01, {}), cell("rnp", 0.9, {"mode": "all2all"})])
+    assert "| rnp | badnets | 85.0 / 1.0 |" in text and "45.5" not in text

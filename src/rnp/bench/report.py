@@ -282,11 +282,14 @@ def _runs(record: dict) -> str:
 
 
 def compare_table(records: list[dict]) -> str:
-    """Our mean CA / ASR beside every published cell with the same defense and attack. What
-    differs between the two settings is listed once under the table and referenced by letter."""
+    """Our mean CA / ASR beside every published cell with the same defense and attack. Published
+    cells are each attack at its own parameters (all-to-one), so only our subjects without attack
+    parameters match them: BadNets all-to-all must not be averaged into BadNets. What differs
+    between the two settings is listed once under the table and referenced by letter."""
     ours = defaultdict(list)
     for r in _ok(records):
-        ours[(r["label"]["defense"], r["cell"]["subject"]["attack"])].append(r)
+        if not r["cell"]["subject"].get("attack_params"):
+            ours[(r["label"]["defense"], r["cell"]["subject"]["attack"])].append(r)
     rows, notes = [], {}
     for source in SOURCES:
         for defense, cells in source["cells"].items():
