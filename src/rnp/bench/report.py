@@ -362,8 +362,7 @@ def figures(records: list[dict]) -> dict[str, Figure]:
         found["rnp_pruning_curve"] = Figure(_pruning_curves(curves),
                                             title="RNP pruning curves (oracle analysis: test images)", columns=3)
     if rnp:
-        found["rnp_masks"] = Figure([Histograms({_name(r, rnp): r["rnp"]["masks"] for r in rnp},
-                                                title="RNP mask values", xlabel="mask value")])
+        found["rnp_masks"] = Figure(_mask_histograms(rnp), columns=3)
     ranked = [r for r in rnp if r["rnp"].get("prefix_curve")]
     if ranked:
         found["rnp_ranking"] = Figure([
@@ -409,6 +408,21 @@ def _pruning_curves(curves: list[dict]) -> list[Lines]:
         drawn.append(Lines(series, x=list(thresholds), title=name, groups=groups,
                            xlabel="mask threshold (prune channels with mask <= it)", ylabel="% of test subset"))
     return drawn
+
+
+def _mask_histograms(rnp: list[dict]) -> list[Histograms]:
+    """A panel per subject with a histogram per RNP row, its clean sets' masks pooled (one
+    legend entry per run buried a grid's hundred-odd runs under a legend taller than the plot)."""
+    panels = defaultdict(lambda: defaultdict(list))
+    for r in rnp:
+        panels[_name(r, rnp, ("model", "dataset", "seed"))][r["label"]["defense"]].append(r["rnp"]["masks"])
+    return [Histograms({_pooled(row, runs): [m for masks in runs for m in masks] for row, runs in rows.items()},
+                       title=f"RNP mask values: {name}", xlabel="mask value")
+            for name, rows in panels.items()]
+
+
+def _pooled(row: str, runs: list) -> str:
+    return row if len(runs) == 1 else f"{row} ({len(runs)} runs)"
 
 
 def _name(record: dict, group: list[dict],
