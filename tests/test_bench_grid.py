@@ -198,18 +198,22 @@ def test_pruning_curve_figure_has_a_panel_per_subject_and_row_with_a_line_per_cl
     assert list(blend.ys) == ["ASR", "CA"]
 
 
-def test_mask_figure_has_a_panel_per_subject_with_a_histogram_per_row_pooling_its_clean_sets():
+def test_mask_figure_has_a_panel_per_subject_a_histogram_per_row_pooling_its_clean_sets_one_per_same_masks():
     def record(attack, defense, clean_seed, masks):
         label = {"dataset": "tiny", "model": "m", "attack": attack, "defense": defense, "seed": 0,
                  "clean_seed": clean_seed}
         return {"status": "ok", "der": 0.9, "label": label, "cell": {"defense": "rnp"}, "rnp": {"masks": masks}}
 
     records = [record("badnets", "rnp", 0, [0.0, 1.0]), record("badnets", "rnp", 1, [0.5]),
-               record("badnets", "rnp (paper)", 0, [0.2, 0.3]), record("blend", "rnp", 0, [0.9])]
+               record("badnets", "rnp (paper)", 0, [0.2, 0.3]), record("blend", "rnp", 0, [0.9]),
+               record("badnets", "rnp (margin)", 0, [0.0, 1.0]), record("badnets", "rnp (margin)", 1, [0.5]),
+               record("blend", "rnp (margin)", 0, [0.8])]
     badnets, blend = figures(records)["rnp_masks"].panels
     assert (badnets.title, blend.title) == ("RNP mask values: badnets", "RNP mask values: blend")
-    assert badnets.data["rnp (2 runs)"].tolist() == [0.0, 1.0, 0.5]
-    assert badnets.data["rnp (paper)"].tolist() == pytest.approx([0.2, 0.3]) and list(blend.data) == ["rnp"]
+    assert list(badnets.data) == ["rnp = rnp (margin) (2 runs)", "rnp (paper)"]  # the same masks: one line
+    assert badnets.data["rnp = rnp (margin) (2 runs)"].tolist() == [0.0, 1.0, 0.5]
+    assert badnets.data["rnp (paper)"].tolist() == pytest.approx([0.2, 0.3])
+    assert list(blend.data) == ["rnp", "rnp (margin)"] and badnets.log_density and blend.log_density
 
 
 def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_cell(finished, data,

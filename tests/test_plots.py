@@ -89,6 +89,13 @@ def test_ten_series_get_ten_distinct_colours_and_more_get_other_line_styles():
     assert len({colour for colour, _ in styles}) == 10 and len(styles) == 11
 
 
+def test_log_density_histograms_draw_a_logarithmic_axis_and_plain_ones_a_linear_one():
+    groups = {"masks": [0.1, 0.9, 1.0, 1.0, 1.0]}
+    log, plain = draw(Figure([Histograms(groups, title="log", xlabel="x", log_density=True),
+                              Histograms(groups, title="plain", xlabel="x")])).axes
+    assert (log.get_yscale(), plain.get_yscale()) == ("log", "linear")
+
+
 def test_grouped_lines_share_their_group_colour_and_take_a_line_style_each():
     series = {"ASR, set 0": [1, 0], "ASR, set 1": [1, 1], "CA, set 0": [1, 1], "CA, set 1": [0, 1]}
     groups = {name: name.split(", ")[1] for name in series}

@@ -412,17 +412,27 @@ def _pruning_curves(curves: list[dict]) -> list[Lines]:
 
 def _mask_histograms(rnp: list[dict]) -> list[Histograms]:
     """A panel per subject with a histogram per RNP row, its clean sets' masks pooled (one
-    legend entry per run buried a grid's hundred-odd runs under a legend taller than the plot)."""
+    legend entry per run buried a grid's hundred-odd runs under a legend taller than the plot).
+    Rows that recovered the same masks (they differ only in what they prune) share one
+    histogram, named after all of them, rather than hide each other's line. The density axis is
+    logarithmic: the few low masks, the channels a pruning order reaches first, would otherwise
+    not show beside the peak at 1."""
     panels = defaultdict(lambda: defaultdict(list))
     for r in rnp:
         panels[_name(r, rnp, ("model", "dataset", "seed"))][r["label"]["defense"]].append(r["rnp"]["masks"])
-    return [Histograms({_pooled(row, runs): [m for masks in runs for m in masks] for row, runs in rows.items()},
-                       title=f"RNP mask values: {name}", xlabel="mask value")
-            for name, rows in panels.items()]
+    figures = []
+    for name, rows in panels.items():
+        shared = defaultdict(list)
+        for row, runs in rows.items():
+            shared[tuple(m for masks in runs for m in masks)].append((row, len(runs)))
+        figures.append(Histograms({_pooled(" = ".join(row for row, _ in names), names[0][1]): list(masks)
+                                   for masks, names in shared.items()},
+                                  title=f"RNP mask values: {name}", xlabel="mask value", log_density=True))
+    return figures
 
 
-def _pooled(row: str, runs: list) -> str:
-    return row if len(runs) == 1 else f"{row} ({len(runs)} runs)"
+def _pooled(rows: str, runs: int) -> str:
+    return rows if runs == 1 else f"{rows} ({runs} runs)"
 
 
 def _name(record: dict, group: list[dict],

@@ -268,12 +268,14 @@ class Histograms:
     share ``bins`` edges spanning all their values and are normalised to unit area (densities),
     so groups of different sizes compare. NaN and +-inf are dropped (the legend counts them); a
     group with no finite value is an error. Equal values get bins over that value +- 10%
-    (+- 0.5 around zero)."""
+    (+- 0.5 around zero). ``log_density`` draws the density on a logarithmic axis, for groups
+    whose tail matters beside a tall peak."""
 
     groups: Mapping[str, Sequence[float] | torch.Tensor]
     title: str
     xlabel: str
     bins: int = 40
+    log_density: bool = False
     data: dict[str, torch.Tensor] = field(init=False, repr=False)
     dropped: dict[str, int] = field(init=False, repr=False)
     edges: torch.Tensor = field(init=False, repr=False)
@@ -319,6 +321,8 @@ class Histograms:
                       linestyle=LINE_STYLES[index // len(PALETTE) % len(LINE_STYLES)],
                       label=f"{hidden}{name} (n={self.data[name].numel()}{note})")
         _style(ax, self.title, self.xlabel, "density")
+        if self.log_density:
+            ax.set_yscale("log")
 
 
 Panel = Bars | Lines | Histograms
