@@ -212,8 +212,13 @@ def test_reference_model_must_be_clean_and_is_recorded(registered, tmp_path):
     with pytest.raises(RnpError, match="must be a clean model"):
         train_run(tmp_path / "run", data, attack=NeedsReference(poison_rate=0.2), reference_run=backdoored, **TINY)
     NeedsReference.seen_reference.clear()
-    run = cached_subject(tmp_path / "cache-runs", data, NeedsReference(poison_rate=0.2), **TINY)
+    lines = []
+    run = cached_subject(tmp_path / "cache-runs", data, NeedsReference(poison_rate=0.2),
+                         **{**TINY, "log": lines.append})
     assert len(NeedsReference.seen_reference) == 1
+    reference, subject = [line for line in lines if line.startswith("training ")]  # each says what it trains
+    assert reference.startswith("training the clean model needs_reference is fitted on, ")
+    assert subject.startswith("training subject ") and reference.split(": ")[0][-29:] != subject.split(": ")[0][-29:]
     loaded = load_run(run)
     reference = loaded.info["reference_run"]
     assert load_run(reference["path"]).attack is None and len(reference["model_sha256"]) == 64

@@ -23,6 +23,7 @@ from rnp.bench.grid import load_grid, parse_grid
 from rnp.bench.runner import grid_cells, run_grid
 from rnp.cli.main import main
 from rnp.errors import RnpError
+from rnp.io.plots import Figure, draw
 from rnp.metrics import evaluate_backdoor
 from rnp.runs.folder import load_run
 
@@ -214,6 +215,9 @@ def test_mask_figure_has_a_panel_per_subject_a_histogram_per_row_pooling_its_cle
     assert badnets.data["rnp = rnp (margin) (2 runs)"].tolist() == [0.0, 1.0, 0.5]
     assert badnets.data["rnp (paper)"].tolist() == pytest.approx([0.2, 0.3])
     assert list(blend.data) == ["rnp", "rnp (margin)"] and badnets.log_density and blend.log_density
+    alone, = figures([record("sig", "rnp", 0, [0.4]), record("sig", "rnp (margin)", 0, [0.4])])["rnp_masks"].panels
+    legend = draw(Figure([alone])).axes[0].get_legend()  # the only histogram still says which rows it is
+    assert [t.get_text() for t in legend.get_texts()] == ["rnp = rnp (margin) (n=1)"]
 
 
 def test_second_run_reuses_everything_and_a_changed_setting_recomputes_only_its_cell(finished, data,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from rnp.errors import RnpError
 from rnp.io import plots
-from rnp.io.plots import ACCENT, BASE, PALETTE, Bars, Figure, Histograms, Lines, draw, write_figure
+from rnp.io.plots import ACCENT, BASE, LEGEND_WIDTH, PALETTE, Bars, Figure, Histograms, Lines, draw, write_figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,6 +166,18 @@ def test_panels_with_the_same_legend_share_one_and_single_series_have_none():
                          Histograms({"a": [1.0, 2.0]}, title="h", xlabel="x")]))
     assert not drawn.legends[0].get_texts()[0].get_text().startswith("_")
     assert not alone.legends and not any(ax.get_legend() for ax in alone.axes)
+
+
+def test_a_histogram_legend_can_be_forced_on_for_one_group_or_off_for_several():
+    named, unnamed = draw(Figure([Histograms({"rnp = rnp (paper)": [1.0, 2.0]}, title="a", xlabel="x", legend=True),
+                                  Histograms({"a": [1.0], "b": [2.0]}, title="b", xlabel="x", legend=False)])).axes
+    assert [t.get_text() for t in named.get_legend().get_texts()] == ["rnp = rnp (paper) (n=2)"]
+    assert unnamed.get_legend() is None
+    long = " = ".join(f"rnp (row {i})" for i in range(8))
+    wrapped = draw(Figure([Histograms({long: [1.0]}, title="a", xlabel="x", legend=True)])).axes[0].get_legend()
+    text, = wrapped.get_texts()
+    lines = text.get_text().split("\n")  # wrapped, so that the name does not squeeze the plot
+    assert " ".join(lines) == f"{long} (n=1)" and len(lines) > 1 and max(map(len, lines)) <= LEGEND_WIDTH
 
 
 def test_a_failed_write_keeps_the_old_files(tmp_path, monkeypatch):

@@ -416,7 +416,8 @@ def _mask_histograms(rnp: list[dict]) -> list[Histograms]:
     Rows that recovered the same masks (they differ only in what they prune) share one
     histogram, named after all of them, rather than hide each other's line. The density axis is
     logarithmic: the few low masks, the channels a pruning order reaches first, would otherwise
-    not show beside the peak at 1."""
+    not show beside the peak at 1. Every histogram is named, even a panel's only one: its name
+    is the list of rows it stands for."""
     panels = defaultdict(lambda: defaultdict(list))
     for r in rnp:
         panels[_name(r, rnp, ("model", "dataset", "seed"))][r["label"]["defense"]].append(r["rnp"]["masks"])
@@ -427,7 +428,8 @@ def _mask_histograms(rnp: list[dict]) -> list[Histograms]:
             shared[tuple(m for masks in runs for m in masks)].append((row, len(runs)))
         figures.append(Histograms({_pooled(" = ".join(row for row, _ in names), names[0][1]): list(masks)
                                    for masks, names in shared.items()},
-                                  title=f"RNP mask values: {name}", xlabel="mask value", log_density=True))
+                                  title=f"RNP mask values: {name}", xlabel="mask value", log_density=True,
+                                  legend=True))
     return figures
 
 

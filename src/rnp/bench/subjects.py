@@ -53,12 +53,13 @@ LEGACY_VERSION = "0.1.0"
 """The package version every pre-fingerprint subject key hashed."""
 
 
-def cached_run(cache_root, data_spec: str, *, train: bool = True, **kwargs) -> Path:
+def cached_run(cache_root, data_spec: str, *, train: bool = True, role: str = "subject", **kwargs) -> Path:
     """:func:`train_run` into ``cache_root/<spec hash>-<training fingerprint>``, so each subject
     is trained once however many benchmarks use it, and again only when the code that shapes it
-    changes (the module's policy). Says why whenever it trains. With ``train=False`` a subject
-    the cache does not hold finished raises :class:`SubjectNotTrained` instead (e.g. to run the
-    defenses of the subjects a training queue has finished, beside it)."""
+    changes (the module's policy). Says why whenever it trains, and what the model is for
+    (``role``). With ``train=False`` a subject the cache does not hold finished raises
+    :class:`SubjectNotTrained` instead (e.g. to run the defenses of the subjects a training
+    queue has finished, beside it)."""
     cache_root, log = Path(cache_root), kwargs.get("log", logger.info)
     spec, code = _subject_spec(data_spec, kwargs), training_fingerprint()
     out = cache_root / f"{_hash(spec)}-{code}"
@@ -73,7 +74,7 @@ def cached_run(cache_root, data_spec: str, *, train: bool = True, **kwargs) -> P
             return train_run(legacy, data_spec, **kwargs)
         if not train:
             raise SubjectNotTrained(f"subject {out.name} is not trained yet")
-        log(f"training subject {out.name}: {_why_train(cache_root, spec, out)}")
+        log(f"training {role} {out.name}: {_why_train(cache_root, spec, out)}")
     return train_run(out, data_spec, **kwargs)
 
 
@@ -152,7 +153,9 @@ def _hash(identity: dict) -> str:
 def cached_subject(cache_root, data_spec: str, attack: Attack | None, **kwargs) -> Path:
     """A (backdoored) model from the cache, trained if missing. An attack fitted on a clean model
     gets the clean model trained with the same architecture and config as its reference, which
-    is itself cached (and is the clean baseline a benchmark compares against)."""
+    is itself cached (and is the clean baseline a benchmark compares against). Its training
+    says so: a user who asked for one subject sees why two trainings run."""
     if attack is not None and attack.needs_reference_model:
-        kwargs["reference_run"] = cached_run(cache_root, data_spec, **{**kwargs, "attack": None})
+        kwargs["reference_run"] = cached_run(cache_root, data_spec, role=f"the clean model {attack.name} is fitted on,",
+                                             **{**kwargs, "attack": None})
     return cached_run(cache_root, data_spec, attack=attack, **kwargs)

@@ -17,6 +17,7 @@ colours with another line style.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ BASE, ACCENT, INK = PALETTE[0], PALETTE[1], "#222222"
 LINE_STYLES = ("-", "--", ":", "-.")
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.0)  # inches, per panel
+LEGEND_WIDTH = 36  # characters a legend line holds before it wraps: a long name must not squeeze the plot
 DPI = 120
 MAX_VALUE_LABELS = 12  # more bars than this get no value written on them (the CSV has them)
 MAX_MARKED_POINTS = 25  # lines of at most this many points mark each point
@@ -90,8 +92,10 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
 def _legends(drawn, axes) -> None:
     """Legends right of the plots, where they cannot cover data: one for the whole figure when
     every panel has the same entries (e.g. "ASR" and "CA" in each of several pruning curves),
-    else one beside each panel that has entries. Artists labelled "_..." have none."""
-    entries = [ax.get_legend_handles_labels() for ax in axes]
+    else one beside each panel that has entries. Artists labelled "_..." have none. Names
+    longer than :data:`LEGEND_WIDTH` wrap onto more lines."""
+    entries = [(handles, [textwrap.fill(label, LEGEND_WIDTH) for label in labels])
+               for handles, labels in (ax.get_legend_handles_labels() for ax in axes)]
     if len(axes) > 1 and entries[0][1] and all(labels == entries[0][1] for _, labels in entries):
         drawn.legend(*entries[0], loc="outside right upper", frameon=False)
         return
@@ -269,13 +273,16 @@ class Histograms:
     so groups of different sizes compare. NaN and +-inf are dropped (the legend counts them); a
     group with no finite value is an error. Equal values get bins over that value +- 10%
     (+- 0.5 around zero). ``log_density`` draws the density on a logarithmic axis, for groups
-    whose tail matters beside a tall peak."""
+    whose tail matters beside a tall peak. ``legend`` None names the groups when there are
+    several (or values were dropped); True names even a single group, whose name says something
+    the title does not (which rows' values it pools); False names none."""
 
     groups: Mapping[str, Sequence[float] | torch.Tensor]
     title: str
     xlabel: str
     bins: int = 40
     log_density: bool = False
+    legend: bool | None = None
     data: dict[str, torch.Tensor] = field(init=False, repr=False)
     dropped: dict[str, int] = field(init=False, repr=False)
     edges: torch.Tensor = field(init=False, repr=False)
@@ -313,7 +320,8 @@ class Histograms:
         return rows
 
     def draw(self, ax) -> None:
-        hidden = "_" if len(self.data) == 1 and not any(self.dropped.values()) else ""
+        shown = self.legend if self.legend is not None else len(self.data) > 1 or any(self.dropped.values())
+        hidden = "" if shown else "_"
         for index, name in enumerate(self.data):
             note = f", {self.dropped[name]} non-finite dropped" if self.dropped[name] else ""
             ax.stairs(self._density(name)[0].tolist(), self.edges.tolist(), linewidth=1.8,
